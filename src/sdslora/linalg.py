@@ -1,0 +1,43 @@
+"""Shared factorisations: float32, no grad, results cast back by the caller.
+
+Everything here takes and returns plain tensors; no module state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    # float64 stays float64 (tests check identities in double precision); everything else computes in float32
+    return x if x.dtype == torch.float64 else x.float()
+
+
+@torch.no_grad()
+def qr_signfixed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduced QR ``x = Q R`` with ``diag(R) >= 0`` (the unique QR, i.e. Gram-Schmidt of the columns).
+
+    Returns ``(Q, diag(R))`` in the computation dtype (float32, or float64 for float64 input).
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        q, r = torch.linalg.qr(_f32(x), mode="reduced")
+        d = torch.diagonal(r)
+        sign = torch.where(d < 0, -torch.ones_like(d), torch.ones_like(d))
+        return q * sign, d.abs()
+
+
+@torch.no_grad()
+def svd_of_product(left: torch.Tensor, right: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact rank-``r`` truncated SVD of ``M = left @ right.T`` without forming ``M``.
+
+    ``left`` is m x k, ``right`` is n x k. QR of both factors, SVD of the small k x k core
+    ``R_l R_r^T = U_c S V_c^T``; then ``U = Q_l U_c``, ``V = Q_r V_c``. Returns ``(U[:, :r], S[:r], V[:, :r])``
+    with ``U`` m x r, ``V`` n x r (orthonormal columns), in float32 (float64 for float64 input).
+    """
+    with torch.autocast(device_type=left.device.type, enabled=False):
+        ql, rl = torch.linalg.qr(_f32(left), mode="reduced")
+        qr_, rr = torch.linalg.qr(_f32(right), mode="reduced")
+        uc, s, vch = torch.linalg.svd(rl @ rr.T, full_matrices=False)
+        u = ql @ uc[:, :r]
+        v = qr_ @ vch.T[:, :r]
+        return u, s[:r], v

@@ -1,0 +1,65 @@
+"""The method registry: a plain dict from method name to :class:`MethodSpec`.
+
+Adding a method = one module with an :class:`~sdslora.methods.base.AdapterLayer` subclass and an options
+dataclass, plus one entry here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .base import AdapterLayer, StepOutcome
+from .lora import LoRALayer, LoRAOptions
+from .sds import OrthogonalLayer, SDSLayer, SDSOptions
+
+
+@dataclass
+class FullOptions:
+    """Full fine-tuning has no options."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    layer_cls: type[AdapterLayer] | None  # None: no adapter layers (full fine-tuning)
+    options_cls: type
+    description: str
+    citation: str
+
+    def parse_options(self, options: dict[str, Any] | None) -> Any:
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(self.options_cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            hint = f"valid options: {sorted(known)}" if known else "it takes no options"
+            raise ValueError(f"unknown option(s) {unknown} for method {self.name!r}; {hint}")
+        return self.options_cls(**options)
+
+
+METHODS: dict[str, MethodSpec] = {
+    "lora": MethodSpec(
+        "lora", LoRALayer, LoRAOptions, "LoRA, ΔW = s·B·A (rsLoRA or standard scaling)",
+        "Hu et al. 2021, arXiv 2106.09685; rsLoRA: Kalajdzievski 2023, arXiv 2312.03732",
+    ),
+    "sds": MethodSpec(
+        "sds", SDSLayer, SDSOptions, "SDS-LoRA, ΔW = s(Q_B·A + B·Q_Aᵀ) with warm-up, re-parameterisation, refresh",
+        "Oh, Baik, Lee 2026, arXiv 2606.16454",
+    ),
+    "orthogonal": MethodSpec(
+        "orthogonal", OrthogonalLayer, SDSOptions, "orthogonal-only ablation of SDS-LoRA (orthonormal B, A)",
+        "Oh, Baik, Lee 2026, arXiv 2606.16454 (Table 5)",
+    ),
+    "full": MethodSpec("full", None, FullOptions, "full fine-tuning (reference)", "-"),
+}
+
+
+def get_method(name: str) -> MethodSpec:
+    if not isinstance(name, str) or name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available methods: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+__all__ = ["METHODS", "MethodSpec", "AdapterLayer", "StepOutcome", "get_method", "LoRALayer", "SDSLayer",
+           "OrthogonalLayer", "SDSOptions", "LoRAOptions", "FullOptions"]

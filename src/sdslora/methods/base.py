@@ -1,0 +1,150 @@
+"""The adapter-layer contract every method implements, and the shared merge / export / state mechanics.
+
+A method is a subclass of :class:`AdapterLayer` that owns its tensors (named ``lora_*``) and defines
+``delta_weight()`` (the single source of truth for merge, export and diagnostics) and ``adapter_forward(x)``
+(the adapter path, computed without forming an out x in matrix). Per-optimizer-step duties (re-parameterisation,
+basis refresh) are declared through :meth:`AdapterLayer.on_optimizer_step`; only the Controller calls it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 style): a linear layer whose weight is stored [in, out]."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def supported_base(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def layer_dims(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a supported base layer."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if is_conv1d(module):
+        n_in, n_out = module.weight.shape
+        return int(n_in), int(n_out)
+    raise TypeError(
+        f"unsupported layer type {type(module).__name__}: sdslora adapts nn.Linear and transformers Conv1D; "
+        "remove this module from target_modules"
+    )
+
+
+@dataclass
+class StepOutcome:
+    """What a method asks of the Controller after an optimizer step."""
+
+    reset_params: list[nn.Parameter] = field(default_factory=list)  # clear these parameters' optimizer state
+    events: list[dict[str, Any]] = field(default_factory=list)  # logged records (e.g. refresh jumps)
+
+
+class AdapterLayer(nn.Module):
+    """Base class: wraps a frozen ``base_layer``; ``forward = base(x) + adapter_forward(x)``."""
+
+    method: ClassVar[str] = ""
+    has_step_duties: ClassVar[bool] = False  # True: on_optimizer_step may reset optimizer state
+
+    def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any):
+        super().__init__()
+        self.in_features, self.out_features = layer_dims(base_layer)
+        self.base_layer = base_layer
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.r = int(r)
+        self.scale = float(scale)
+        self.options = options
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        w = self.base_weight
+        self.adapter_dtype = torch.float32 if (dtype == "float32" and w.is_floating_point()) else w.dtype
+        self.merged = False
+        self.disabled = False
+
+    # ---- the contract ---------------------------------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW in nn.Linear layout [out, in], in the adapter dtype, differentiable w.r.t. the trainable tensors."""
+        raise NotImplementedError
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's contribution to the output for input ``x`` (no dense ΔW)."""
+        raise NotImplementedError
+
+    def export_lora(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """An exact plain-LoRA factorisation ``(B', A')`` with ``ΔW = B' @ A'`` (scale folded into B')."""
+        raise NotImplementedError
+
+    def extra_state(self) -> dict[str, Any]:
+        """JSON-serialisable layer state that is not a tensor (saved with the adapter)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no extra state, got {sorted(state)}")
+
+    @classmethod
+    def requires_total_steps(cls, options: Any) -> bool:
+        """Whether the Controller needs the run's total number of optimizer steps for this method."""
+        return False
+
+    @classmethod
+    def on_optimizer_step(
+        cls, layers: list[AdapterLayer], t: int, total_steps: int | None, options: Any
+    ) -> StepOutcome:
+        """Per-step duties after optimizer step ``t`` (1-based). Default: none."""
+        return StepOutcome()
+
+    # ---- shared mechanics -------------------------------------------------------------------------------------
+    @property
+    def base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter's own parameters and persistent buffers (not the base layer's), by local name."""
+        out: dict[str, torch.Tensor] = {}
+        for name, p in self.named_parameters(recurse=False):
+            out[name] = p
+        for name, b in self.named_buffers(recurse=False):
+            if name not in self._non_persistent_buffers_set:
+                out[name] = b
+        return out
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled or self.merged:
+            return result
+        return result + self.adapter_forward(x).to(result.dtype)
+
+    def _cast_in(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(x.to(self.adapter_dtype))
+
+    def _to_base_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.T if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add ΔW to the base weight (in place); the adapter path is then skipped."""
+        if self.merged:
+            return
+        w = self.base_weight
+        delta = self._to_base_layout(self.delta_weight()).to(w.dtype)
+        if not torch.isfinite(delta).all():
+            raise ValueError(f"{type(self).__name__}: ΔW has non-finite entries; refusing to merge")
+        w.add_(delta)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract ΔW from the base weight again."""
+        if not self.merged:
+            return
+        w = self.base_weight
+        w.sub_(self._to_base_layout(self.delta_weight()).to(w.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:.4g}"

@@ -1,0 +1,315 @@
+"""SDS-LoRA (Oh, Baik, Lee, 2026, arXiv 2606.16454) and its orthogonal-only ablation.
+
+SDS-LoRA:  ΔW = s (Q_B A + B Q_Aᵀ), Q_A ∈ R^{in×r}, Q_B ∈ R^{out×r} orthonormal bases of row(A) and col(B), held
+constant in backward, so ∇_A = s Q_BᵀG and ∇_B = s G Q_A and the effective full-space gradient is the isotropic
+projection s²(G Q_A Q_Aᵀ + Q_B Q_Bᵀ G) (LoRA's is s²(G AᵀA + BBᵀ G), reweighted by the factors' squared singular
+values). Forward as a rank-2r LoRA with fixed halves: y = W0 x + s [Q_B | B] [A ; Q_Aᵀ] x.
+
+Schedule (SPEC.md §1.4-§1.5, counted in optimizer steps t = 1..T):
+* t ≤ ``warmup_steps`` (10): plain LoRA (ΔW = s B A).
+* t = ``warmup_steps``: rank-r SVD B A = U Σ Vᵀ (exact, via QR of both factors and an SVD of the r×r core);
+  Q_B = U, Q_A = V, A = ½ Σ Vᵀ, B = ½ U Σ (ΔW unchanged); the optimizer state of A and B is cleared.
+* later: refresh Q_A = signfix(QR(Aᵀ)), Q_B = signfix(QR(B)) when ``t mod (⌊t/⌊T/k⌋⌋ + 1) = 0`` (``refresh="decay"``,
+  k = ``refresh_k`` = 5), every N steps (``"every:N"``) or never. A layer is skipped when a factor is numerically
+  rank deficient: min diag|R| ≤ ``guard_rtol`` · max diag|R| (relative guard; the authors' code uses 1e-2 absolute).
+* ``warmup_mode="init_phase"`` (SPEC.md §1.7): the first ``init_phase_steps`` steps form a separate phase in which every
+  ``warmup_steps`` steps the bases are set from the SVD, A and B are reset to 0 and the optimizer state is cleared;
+  the schedule above then runs on the remaining steps (step counter and T shifted by ``init_phase_steps``).
+
+Orthogonal-only ablation (SPEC.md §1.8, the paper's Table 5 "s Q_B Q_Aᵀ with trainable bases"): plain LoRA forward in
+which, after the same warm-up, B = U and A = Vᵀ are orthonormal and are retracted to orthonormal (sign-fixed QR) at
+every scheduled refresh. [design] The warm-up update is kept, as in SDS's "reparam" mode, through a frozen offset
+U(Σ − I)Vᵀ, so ΔW = s (B A + O_B O_A) and ΔW is unchanged by the re-parameterisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..linalg import qr_signfixed, svd_of_product
+from .base import AdapterLayer, StepOutcome
+from .lora import kaiming_a
+
+WARMUP_MODES = ("reparam", "init_phase")
+
+
+@dataclass
+class SDSOptions:
+    """Options of ``sds`` and ``orthogonal`` (defaults: the paper's / authors' code)."""
+
+    warmup_steps: int = 10
+    refresh: str = "decay"
+    refresh_k: int = 5
+    warmup_mode: str = "reparam"
+    init_phase_steps: int = 50
+    guard_rtol: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 1:
+            raise ValueError(f"warmup_steps must be an int >= 1, got {self.warmup_steps!r}")
+        if not isinstance(self.refresh_k, int) or self.refresh_k < 1:
+            raise ValueError(f"refresh_k must be an int >= 1, got {self.refresh_k!r}")
+        self.refresh_interval()  # validates `refresh`
+        if self.warmup_mode not in WARMUP_MODES:
+            raise ValueError(f"warmup_mode must be one of {WARMUP_MODES}, got {self.warmup_mode!r}")
+        if self.warmup_mode == "init_phase" and (
+            not isinstance(self.init_phase_steps, int) or self.init_phase_steps < self.warmup_steps
+        ):
+            raise ValueError(
+                f"init_phase_steps must be an int >= warmup_steps ({self.warmup_steps}), got {self.init_phase_steps!r}"
+            )
+        if not 0.0 <= float(self.guard_rtol) < 1.0:
+            raise ValueError(f"guard_rtol must be in [0, 1), got {self.guard_rtol!r}")
+
+    def refresh_interval(self) -> int | None:
+        """``None`` for the decaying schedule, 0 for never, N for every N steps."""
+        if self.refresh == "decay":
+            return None
+        if self.refresh == "never":
+            return 0
+        if isinstance(self.refresh, str) and self.refresh.startswith("every:"):
+            try:
+                n = int(self.refresh.split(":", 1)[1])
+            except ValueError:
+                n = 0
+            if n >= 1:
+                return n
+        raise ValueError(f"refresh must be 'decay', 'never' or 'every:N' with N >= 1, got {self.refresh!r}")
+
+    @property
+    def offset(self) -> int:
+        return self.init_phase_steps if self.warmup_mode == "init_phase" else 0
+
+
+def refresh_due(t: int, total_steps: int | None, opts: SDSOptions) -> bool:
+    """Whether the bases are refreshed after optimizer step ``t`` (1-based, counted after any init phase).
+
+    Decay rule (SPEC.md §1.5): for t > T_w, refresh iff ``t mod (⌊t / ⌊T/k⌋⌋ + 1) == 0``.
+    """
+    if t <= opts.warmup_steps:
+        return False
+    interval = opts.refresh_interval()
+    if interval == 0:
+        return False
+    if interval is not None:
+        return (t - opts.warmup_steps) % interval == 0
+    assert total_steps is not None
+    phase_len = max(total_steps // opts.refresh_k, 1)
+    return t % (t // phase_len + 1) == 0
+
+
+def refresh_steps(total_steps: int, opts: SDSOptions | None = None) -> list[int]:
+    """All steps of a run of ``total_steps`` optimizer steps after which the bases are refreshed."""
+    opts = opts or SDSOptions()
+    main = total_steps - opts.offset
+    return [t + opts.offset for t in range(1, main + 1) if refresh_due(t, main, opts)]
+
+
+def _lowrank_fro2(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """‖left @ right.T‖_F² in O((m+n)k²) without the dense product."""
+    return ((left.T @ left) * (right.T @ right)).sum()
+
+
+class _TwoPhase(AdapterLayer):
+    """Shared state of SDS and orthogonal: a LoRA warm-up phase, then a 'decoupled' phase with extra buffers."""
+
+    has_step_duties = True
+
+    def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any):
+        super().__init__(base_layer, r, scale, dropout, dtype, options)
+        dev = self.base_weight.device
+        self.lora_A = nn.Parameter(kaiming_a(self.r, self.in_features, self.adapter_dtype, dev))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, dtype=self.adapter_dtype, device=dev))
+        # 0 = LoRA warm-up, 1 = decoupled; a buffer so that any state_dict (HF Trainer checkpoints, DDP) carries it
+        self.register_buffer("lora_phase", torch.zeros((), dtype=torch.uint8))
+        self.decoupled = False
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._sync_phase())
+
+    def _sync_phase(self) -> None:
+        self.decoupled = bool(self.lora_phase.item())
+
+    def _set_decoupled(self) -> None:
+        self.lora_phase.fill_(1)
+        self.decoupled = True
+
+    # the two rank-2r halves of the decoupled forward: ΔW = s · up @ down
+    def _halves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        if not self.decoupled:
+            return self.scale * (self.lora_B @ self.lora_A)
+        up, down = self._halves()
+        return self.scale * (up @ down)
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._cast_in(x)
+        if not self.decoupled:
+            return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        up, down = self._halves()
+        # [..., in] -> [..., 2r] -> [..., out]
+        return F.linear(F.linear(x, down), up) * self.scale
+
+    @torch.no_grad()
+    def export_lora(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.decoupled:
+            return self.scale * self.lora_B.detach().clone(), self.lora_A.detach().clone()
+        up, down = self._halves()
+        return self.scale * up.detach().clone(), down.detach().clone()
+
+    @classmethod
+    def requires_total_steps(cls, options: SDSOptions) -> bool:
+        return options.refresh_interval() is None
+
+    @classmethod
+    def on_optimizer_step(
+        cls, layers: list[AdapterLayer], t: int, total_steps: int | None, options: SDSOptions
+    ) -> StepOutcome:
+        out = StepOutcome()
+        if not layers:
+            return out
+        off = options.offset
+        if off and t <= off:  # the authors' separate initialisation phase
+            if t % options.warmup_steps == 0:
+                for layer in layers:
+                    layer._reparameterise(reset_to_zero=True)  # type: ignore[attr-defined]
+                    out.reset_params += [layer.lora_A, layer.lora_B]
+                out.events.append({"step": t, "event": "init_phase_reset", "layers": len(layers)})
+            return out
+        tm = t - off
+        tm_total = None if total_steps is None else total_steps - off
+        if tm == options.warmup_steps:
+            for layer in layers:
+                layer._reparameterise(reset_to_zero=False)  # type: ignore[attr-defined]
+                out.reset_params += [layer.lora_A, layer.lora_B]
+            out.events.append({"step": t, "event": "reparameterise", "layers": len(layers)})
+        elif refresh_due(tm, tm_total, options):
+            stats = [layer._refresh(options.guard_rtol) for layer in layers]  # type: ignore[attr-defined]
+            done = [s for s in stats if s is not None]
+            event: dict[str, Any] = {"step": t, "event": "refresh", "layers": len(done), "skipped": len(stats) - len(done)}
+            if done:
+                vals = torch.stack([torch.stack(s) for s in done]).float().cpu()  # one device sync per refresh
+                names = ("jump", "sim_A", "sim_B")
+                for i, n in enumerate(names):
+                    col = vals[:, i]
+                    if torch.isnan(col).all():
+                        continue
+                    event[f"{n}_mean"] = float(col.mean())
+                    event[f"{n}_max" if n == "jump" else f"{n}_min"] = float(col.max() if n == "jump" else col.min())
+            out.events.append(event)
+        return out
+
+
+class SDSLayer(_TwoPhase):
+    """SDS-LoRA layer. Buffers ``lora_QA`` [r, in] (= Q_Aᵀ) and ``lora_QB`` [out, r]."""
+
+    method = "sds"
+
+    def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any):
+        super().__init__(base_layer, r, scale, dropout, dtype, options)
+        dev = self.base_weight.device
+        self.register_buffer("lora_QA", torch.zeros(self.r, self.in_features, dtype=self.adapter_dtype, device=dev))
+        self.register_buffer("lora_QB", torch.zeros(self.out_features, self.r, dtype=self.adapter_dtype, device=dev))
+
+    def _halves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # ΔW = s (Q_B A + B Q_Aᵀ) = s [Q_B | B] [A ; Q_Aᵀ]
+        return torch.cat([self.lora_QB, self.lora_B], dim=1), torch.cat([self.lora_A, self.lora_QA], dim=0)
+
+    @torch.no_grad()
+    def _reparameterise(self, reset_to_zero: bool) -> None:
+        A, B = self.lora_A, self.lora_B
+        if self.decoupled:  # M = B Q_Aᵀ + Q_B A = [B | Q_B] [Q_Aᵀ ; A]
+            left, right = torch.cat([B, self.lora_QB], 1), torch.cat([self.lora_QA, A], 0).T
+        else:  # M = B A
+            left, right = B, A.T
+        u, s, v = svd_of_product(left, right, self.r)
+        self.lora_QB.copy_(u)
+        self.lora_QA.copy_(v.T)
+        if reset_to_zero:
+            A.zero_()
+            B.zero_()
+        else:
+            A.copy_(0.5 * s[:, None] * v.T)
+            B.copy_(0.5 * u * s[None, :])
+        self._set_decoupled()
+
+    @torch.no_grad()
+    def _refresh(self, rtol: float) -> list[torch.Tensor] | None:
+        qb, db = qr_signfixed(self.lora_B)
+        qa, da = qr_signfixed(self.lora_A.T)
+        if bool((db.min() <= rtol * db.max()) | (da.min() <= rtol * da.max())):
+            return None
+        old_qa, old_qb = self.lora_QA.float(), self.lora_QB.float()
+        A, B = self.lora_A.float(), self.lora_B.float()
+        # ΔW jump = s[(Q_B' − Q_B) A + B (Q_A' − Q_A)ᵀ]; relative to ΔW = s[Q_B | B][A ; Q_Aᵀ]
+        jump2 = _lowrank_fro2(torch.cat([qb - old_qb, B], 1), torch.cat([A, qa.T - old_qa], 0).T)
+        norm2 = _lowrank_fro2(torch.cat([old_qb, B], 1), torch.cat([A, old_qa], 0).T)
+        jump = (jump2.clamp_min(0) / norm2.clamp_min(1e-30)).sqrt()
+        sim_a = (old_qa @ qa).pow(2).sum() / self.r  # ‖Q_Aᵀ Q_A'‖_F² / r
+        sim_b = (old_qb.T @ qb).pow(2).sum() / self.r
+        self.lora_QA.copy_(qa.T)
+        self.lora_QB.copy_(qb)
+        return [jump, sim_a, sim_b]
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", decoupled={self.decoupled}"
+
+
+class OrthogonalLayer(_TwoPhase):
+    """Orthogonal-only ablation: ΔW = s (B A + O_B O_A) with B, A retracted to orthonormal at each refresh."""
+
+    method = "orthogonal"
+
+    def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any):
+        super().__init__(base_layer, r, scale, dropout, dtype, options)
+        dev = self.base_weight.device
+        self.register_buffer(
+            "lora_offset_A", torch.zeros(self.r, self.in_features, dtype=self.adapter_dtype, device=dev)
+        )
+        self.register_buffer(
+            "lora_offset_B", torch.zeros(self.out_features, self.r, dtype=self.adapter_dtype, device=dev)
+        )
+
+    def _halves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([self.lora_B, self.lora_offset_B], 1), torch.cat([self.lora_A, self.lora_offset_A], 0)
+
+    @torch.no_grad()
+    def _reparameterise(self, reset_to_zero: bool) -> None:
+        A, B = self.lora_A, self.lora_B
+        if self.decoupled:
+            up, down = self._halves()
+            left, right = up, down.T
+        else:
+            left, right = B, A.T
+        u, s, v = svd_of_product(left, right, self.r)
+        B.copy_(u)
+        A.copy_(v.T)
+        if reset_to_zero:  # ΔW back to 0: the offset cancels U Vᵀ
+            self.lora_offset_B.copy_(-u)
+        else:  # ΔW preserved: U Vᵀ + U (Σ − I) Vᵀ = U Σ Vᵀ
+            self.lora_offset_B.copy_(u * (s - 1.0)[None, :])
+        self.lora_offset_A.copy_(v.T)
+        self._set_decoupled()
+
+    @torch.no_grad()
+    def _refresh(self, rtol: float) -> list[torch.Tensor] | None:
+        qb, db = qr_signfixed(self.lora_B)
+        qa, da = qr_signfixed(self.lora_A.T)
+        if bool((db.min() <= rtol * db.max()) | (da.min() <= rtol * da.max())):
+            return None
+        A, B = self.lora_A.float(), self.lora_B.float()
+        up, down = self._halves()
+        norm2 = _lowrank_fro2(up.float(), down.float().T)
+        # jump = s (Q_B Q_Aᵀ − B A)
+        jump2 = _lowrank_fro2(torch.cat([qb, B], 1), torch.cat([qa.T, -A], 0).T)
+        jump = (jump2.clamp_min(0) / norm2.clamp_min(1e-30)).sqrt()
+        nan = torch.full((), float("nan"), device=jump.device)  # the retraction keeps the span: no basis drift
+        sim_a, sim_b = nan, nan
+        self.lora_A.copy_(qa.T)
+        self.lora_B.copy_(qb)
+        return [jump, sim_a, sim_b]

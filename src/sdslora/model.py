@@ -1,0 +1,327 @@
+"""attach(model, config) -> AdaptedModel: find the targets, swap in adapter layers, freeze the base.
+
+The user's model is modified in place (its target modules are replaced by adapter layers that wrap them, as PEFT
+does); :meth:`AdaptedModel.unload` or :meth:`AdaptedModel.merge_and_unload` put plain modules back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import re
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+from .methods import AdapterLayer, get_method
+from .methods.base import layer_dims, supported_base
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _output_embedding_names(model: nn.Module) -> set[str]:
+    get = getattr(model, "get_output_embeddings", None)
+    if get is None:
+        return set()
+    try:
+        out = get()
+    except Exception:  # some models raise NotImplementedError here
+        return set()
+    return {n for n, m in model.named_modules() if out is not None and m is out}
+
+
+def _under(name: str, roots: list[str]) -> bool:
+    return any(name == r or name.startswith(r + ".") for r in roots)
+
+
+def find_targets(model: nn.Module, config: AdapterConfig, exact: list[str] | None = None) -> list[str]:
+    """Names of the modules ``config`` adapts in ``model`` (raises a ValueError naming what exists if none)."""
+    named = [(n, m) for n, m in model.named_modules() if n]
+    save_roots = [n for n, _ in named if config.modules_to_save and _matches(n, config.modules_to_save)]
+    excluded = [n for n, _ in named if config.exclude_modules and _matches(n, config.exclude_modules)]
+    skip = set(save_roots)
+    linear_names = [n for n, m in named if supported_base(m)]
+
+    if exact is not None:
+        present = {n for n, _ in named}
+        missing = [n for n in exact if n not in present]
+        if missing:
+            raise ValueError(
+                f"the model has no module(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} that the adapter "
+                "adapts: it was saved from a different architecture"
+            )
+        targets = list(exact)
+    elif config.target_modules == "all-linear":
+        out_emb = _output_embedding_names(model)
+        targets = [n for n, m in named if supported_base(m) and n not in out_emb and not _under(n, list(skip))]
+    elif isinstance(config.target_modules, list):
+        targets = [n for n, _ in named if _matches(n, config.target_modules) and not _under(n, list(skip))]
+        unmatched = [t for t in config.target_modules if not any(_matches(n, [t]) for n, _ in named)]
+        if unmatched and targets:
+            warnings.warn(f"target_modules entries {unmatched} matched no module", stacklevel=3)
+    else:
+        try:
+            rx = re.compile(config.target_modules)
+        except re.error as e:
+            raise ValueError(f"target_modules {config.target_modules!r} is not a valid regular expression: {e}") from e
+        targets = [n for n, _ in named if rx.fullmatch(n) and not _under(n, list(skip))]
+    targets = [n for n in targets if not _under(n, excluded)]
+    if not targets:
+        shown = sorted({n.split(".")[-1] for n in linear_names})
+        raise ValueError(
+            f"no module matched target_modules={config.target_modules!r}"
+            + (f" (after exclude_modules={config.exclude_modules})" if config.exclude_modules else "")
+            + f". Linear modules in this model (by last name): {shown[:30]}"
+            + (" ..." if len(shown) > 30 else "")
+            + "; pass some of these, a full module name, or 'all-linear'"
+        )
+    # drop targets nested inside another target (never adapt a module twice)
+    targets = [n for n in targets if not any(n != o and n.startswith(o + ".") for o in targets)]
+    return targets
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def attach(model: nn.Module, config: AdapterConfig, *, _exact_targets: list[str] | None = None) -> AdaptedModel:
+    """Adapt ``model`` in place according to ``config`` and return the :class:`AdaptedModel` wrapper.
+
+    The base is frozen (``requires_grad=False``) except ``modules_to_save``; for ``method="full"`` nothing is
+    frozen and no layer is swapped. Raises ``ValueError`` for an unknown method or option, no matched target, or a
+    rank larger than a layer allows, and ``TypeError`` for an unsupported target layer type.
+    """
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"attach() takes an AdapterConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"attach() takes a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, AdaptedModel) or any(isinstance(m, AdapterLayer) for m in model.modules()):
+        raise ValueError("this model already has sdslora adapters; call unload() or merge_and_unload() first")
+    spec = get_method(config.method)
+    layers: dict[str, AdapterLayer] = {}
+    if spec.layer_cls is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return AdaptedModel(model, config, layers)
+
+    targets = find_targets(model, config, _exact_targets)
+    for name in targets:
+        module = model.get_submodule(name)
+        if not supported_base(module):
+            raise TypeError(
+                f"module {name!r} is a {type(module).__name__}, which sdslora cannot adapt (supported: nn.Linear, "
+                "transformers Conv1D); remove it from target_modules"
+            )
+        n_in, n_out = layer_dims(module)
+        if config.r > min(n_in, n_out):
+            raise ValueError(
+                f"rank r={config.r} is larger than layer {name!r} allows (in={n_in}, out={n_out}, max rank "
+                f"{min(n_in, n_out)}); lower r or exclude this layer"
+            )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    options = spec.parse_options(config.options)
+    for name in targets:
+        base = model.get_submodule(name)
+        layer = spec.layer_cls(base, config.r, config.scale, config.dropout, config.adapter_dtype, options)
+        _set_module(model, name, layer)
+        layers[name] = layer
+    if config.modules_to_save:
+        roots = [n for n, _ in model.named_modules() if n and _matches(n, config.modules_to_save)]
+        if not roots:
+            raise ValueError(f"modules_to_save={config.modules_to_save} matched no module of the model")
+        for n in roots:
+            for p in model.get_submodule(n).parameters():
+                p.requires_grad_(True)
+    return AdaptedModel(model, config, layers)
+
+
+class _Forward:
+    """``AdaptedModel.forward``: calls the wrapped model and carries its signature (HF Trainer inspects it)."""
+
+    def __init__(self, model: nn.Module):
+        self._model = model
+        with contextlib.suppress(TypeError, ValueError):
+            self.__signature__ = inspect.signature(model.forward)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._model(*args, **kwargs)
+
+
+def _class_forward(self: Any, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
+    """Class-level view of ``AdaptedModel.forward`` (transformers' ``find_labels`` inspects the class)."""
+    if labels is not None:
+        kwargs["labels"] = labels
+    return self.model(*args, **kwargs)
+
+
+class _ForwardDescriptor:
+    """On an instance: a callable with the wrapped model's signature; on the class: a generic function."""
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return _class_forward
+        return _Forward(obj.model)
+
+
+class AdaptedModel(nn.Module):
+    """A model with adapters attached. Calls go to the wrapped model; unknown attributes are looked up there."""
+
+    def __init__(self, model: nn.Module, config: AdapterConfig, layers: dict[str, AdapterLayer]):
+        super().__init__()
+        self.model = model
+        self.adapter_config = config
+        self._layers = dict(layers)
+        self._controller: Any = None
+        self._pending_controller_state: dict[str, Any] | None = None
+        self._unloaded = False
+
+    forward = _ForwardDescriptor()  # type: ignore[assignment]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # ---- inspection -------------------------------------------------------------------------------------------
+    @property
+    def base_model(self) -> nn.Module:
+        """The wrapped (adapted in place) model."""
+        return self.model
+
+    @property
+    def method(self) -> str:
+        return self.adapter_config.method
+
+    def adapter_layers(self) -> dict[str, AdapterLayer]:
+        """Adapted module name (in the wrapped model) -> adapter layer."""
+        self._check_live()
+        return dict(self._layers)
+
+    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for n, p in self.model.named_parameters():
+            if p.requires_grad:
+                yield n, p
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters to give the optimizer."""
+        return [p for _, p in self.named_trainable_parameters()]
+
+    def layer_parameter_groups(self) -> list[dict[str, Any]]:
+        """One entry per adapter layer: ``{"name", "layer", "params": {local name: parameter}}`` (explicit pairing
+        for optimizer-side methods that need both factors of a layer)."""
+        return [
+            {"name": n, "layer": layer, "params": dict(layer.named_parameters(recurse=False))}
+            for n, layer in self._layers.items()
+        ]
+
+    def trainable_summary(self) -> dict[str, Any]:
+        """Trainable and total parameter counts (each tensor counted once)."""
+        seen: set[int] = set()
+        total = trainable = 0
+        for p in self.model.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        adapter = sum(p.numel() for layer in self._layers.values() for p in layer.parameters(recurse=False))
+        return {
+            "method": self.method,
+            "trainable": trainable,
+            "adapter": adapter,
+            "total": total,
+            "trainable_percent": 100.0 * trainable / max(total, 1),
+            "layers": len(self._layers),
+        }
+
+    def print_trainable_parameters(self) -> None:
+        s = self.trainable_summary()
+        print(
+            f"method={s['method']} layers={s['layers']} trainable={s['trainable']:,} of {s['total']:,} "
+            f"({s['trainable_percent']:.4f} %)"
+        )
+
+    # ---- merge / disable / unload -----------------------------------------------------------------------------
+    def _check_live(self) -> None:
+        if self._unloaded:
+            raise RuntimeError("this AdaptedModel was unloaded; attach() the returned model again to continue")
+
+    def merge(self) -> None:
+        """Fold every ΔW into its base weight (outputs unchanged, adapter path skipped)."""
+        self._check_live()
+        for layer in self._layers.values():
+            layer.merge()
+
+    def unmerge(self) -> None:
+        self._check_live()
+        for layer in self._layers.values():
+            layer.unmerge()
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context in which the model computes with the (possibly re-based) base weights only."""
+        self._check_live()
+        if any(layer.merged for layer in self._layers.values()):
+            raise RuntimeError("unmerge() before disabling the adapter")
+        for layer in self._layers.values():
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer in self._layers.values():
+                layer.disabled = False
+
+    def unload(self, merge: bool = False) -> nn.Module:
+        """Put the plain base modules back (merging ΔW into them first if ``merge``) and return the model."""
+        self._check_live()
+        for name, layer in self._layers.items():
+            if merge:
+                layer.merge()
+            elif layer.merged:
+                layer.unmerge()
+            _set_module(self.model, name, layer.base_layer)
+        self._unloaded = True
+        return self.model
+
+    def merge_and_unload(self) -> nn.Module:
+        """A plain ``nn.Module`` with W0 + ΔW in every adapted layer."""
+        return self.unload(merge=True)
+
+    # ---- persistence (see io.py) ------------------------------------------------------------------------------
+    def save_adapter(self, path: str | Path) -> Path:
+        """Native adapter folder: ``adapter_config.json`` + ``adapter_model.safetensors`` (with Q buffers,
+        layer state and the Controller state)."""
+        from .io import save_adapter
+
+        return save_adapter(self, path)
+
+    def export_peft(self, path: str | Path, **kwargs: Any) -> Path:
+        """Standard PEFT LoRA folder that ``peft.PeftModel.from_pretrained(base, path)`` loads."""
+        from .io import export_peft
+
+        return export_peft(self, path, **kwargs)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor the adapter owns, keyed like the wrapped model's state_dict: adapter tensors of each layer
+        and all trainable parameters outside the layers (modules_to_save, or everything for full fine-tuning)."""
+        self._check_live()
+        out: dict[str, torch.Tensor] = {}
+        for name, layer in self._layers.items():
+            for t_name, t in layer.adapter_tensors().items():
+                out[f"{name}.{t_name}"] = t
+        for n, p in self.named_trainable_parameters():
+            out.setdefault(n, p)
+        return out
