@@ -50,6 +50,7 @@ class AdapterLayer(nn.Module):
 
     method: ClassVar[str] = ""
     has_step_duties: ClassVar[bool] = False  # True: on_optimizer_step may reset optimizer state
+    needs_init_data: ClassVar[bool] = False  # True: attach() needs init_data and calls init_from_gradient(G)
 
     def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any):
         super().__init__()
@@ -86,6 +87,11 @@ class AdapterLayer(nn.Module):
         if state:
             raise ValueError(f"{type(self).__name__} has no extra state, got {sorted(state)}")
 
+    def init_from_gradient(self, grad: torch.Tensor) -> None:
+        """Data-driven initialisation of a ``needs_init_data`` method, called by attach() right after construction
+        (never when a saved adapter is loaded). ``grad``: mean ∂L/∂W over the init data, float32, [out, in]."""
+        raise NotImplementedError(f"{type(self).__name__} has no gradient-based initialisation")
+
     @classmethod
     def requires_total_steps(cls, options: Any) -> bool:
         """Whether the Controller needs the run's total number of optimizer steps for this method."""
@@ -118,6 +124,16 @@ class AdapterLayer(nn.Module):
         if self.disabled or self.merged:
             return result
         return result + self.adapter_forward(x).to(result.dtype)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> AdapterLayer:
+        # model.to(dtype) / .half() / .bfloat16() cast the adapter tensors too: follow them (else the adapter
+        # path would feed float32 inputs into bf16 factors)
+        out = super()._apply(fn, *args, **kwargs)
+        for t in (*self.parameters(recurse=False), *self.buffers(recurse=False)):
+            if t.is_floating_point():
+                self.adapter_dtype = t.dtype
+                break
+        return out
 
     def _cast_in(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(x.to(self.adapter_dtype))
