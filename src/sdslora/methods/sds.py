@@ -244,8 +244,9 @@ class SDSLayer(_TwoPhase):
         qa, da = qr_signfixed(self.lora_A.T)
         if bool((db.min() <= rtol * db.max()) | (da.min() <= rtol * da.max())):
             return None
-        old_qa, old_qb = self.lora_QA.float(), self.lora_QB.float()
-        A, B = self.lora_A.float(), self.lora_B.float()
+        ct = qa.dtype  # computation dtype of the QR (float32, or float64 for float64 adapters)
+        old_qa, old_qb = self.lora_QA.to(ct), self.lora_QB.to(ct)
+        A, B = self.lora_A.to(ct), self.lora_B.to(ct)
         # ΔW jump = s[(Q_B' − Q_B) A + B (Q_A' − Q_A)ᵀ]; relative to ΔW = s[Q_B | B][A ; Q_Aᵀ]
         jump2 = _lowrank_fro2(torch.cat([qb - old_qb, B], 1), torch.cat([A, qa.T - old_qa], 0).T)
         norm2 = _lowrank_fro2(torch.cat([old_qb, B], 1), torch.cat([A, old_qa], 0).T)
@@ -302,9 +303,10 @@ class OrthogonalLayer(_TwoPhase):
         qa, da = qr_signfixed(self.lora_A.T)
         if bool((db.min() <= rtol * db.max()) | (da.min() <= rtol * da.max())):
             return None
-        A, B = self.lora_A.float(), self.lora_B.float()
+        ct = qa.dtype
+        A, B = self.lora_A.to(ct), self.lora_B.to(ct)
         up, down = self._halves()
-        norm2 = _lowrank_fro2(up.float(), down.float().T)
+        norm2 = _lowrank_fro2(up.to(ct), down.to(ct).T)
         # jump = s (Q_B Q_Aᵀ − B A)
         jump2 = _lowrank_fro2(torch.cat([qb, B], 1), torch.cat([qa.T, -A], 0).T)
         jump = (jump2.clamp_min(0) / norm2.clamp_min(1e-30)).sqrt()
