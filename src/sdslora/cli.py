@@ -13,6 +13,7 @@ from . import __version__
 # dependencies) are reported when the user asks for them, not at start-up.
 COMMANDS: dict[str, str] = {
     "methods": "sdslora.cli_methods",
+    "diagnose": "sdslora.cli_diagnose",
 }
 
 

@@ -72,17 +72,20 @@ def stable_rank(m: torch.Tensor) -> float:
 
 
 def condition_from_sv(s: torch.Tensor) -> float:
-    s = s.double()
+    """σ_max / σ_min; a σ_min at round-off level (≤ 1000·eps·σ_max of ``s``'s dtype) counts as 0 (κ = inf)."""
     if not s.numel():
         return float("nan")
+    tol = 1e3 * torch.finfo(s.dtype).eps if s.is_floating_point() else 0.0
+    s = s.double()
     top, low = float(s.max()), float(s.min())
     if top <= 0.0 or not math.isfinite(top):
         return float("nan")
-    return top / low if low > 0.0 else float("inf")
+    return top / low if low > tol * top else float("inf")
 
 
 def condition_number(m: torch.Tensor) -> float:
-    """κ = σ_max / σ_min over the min(rows, cols) singular values (``inf`` if σ_min = 0, ``nan`` if M = 0)."""
+    """κ = σ_max / σ_min over the min(rows, cols) singular values (``inf`` if σ_min = 0 up to round-off, ``nan``
+    if M = 0)."""
     return condition_from_sv(singular_values(m))
 
 
