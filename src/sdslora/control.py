@@ -8,12 +8,15 @@ adapter saved by ``save_adapter``, so a resumed run continues the schedule exact
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from .methods import StepOutcome
+from .methods import AdapterLayer, StepOutcome
 from .model import AdaptedModel
 
 
@@ -44,6 +47,107 @@ def find_adapted_model(model: nn.Module) -> AdaptedModel:
     return model
 
 
+# ---- beyond one process: DDP / FSDP2 / DeepSpeed checks (see docs/scaling.md) ----------------------------------
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without DTensor: nothing can be FSDP2-sharded
+        return None
+    return DTensor
+
+
+def dist_world_size() -> int:
+    """World size of the default process group (1 when torch.distributed is not initialised)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def dist_rank() -> int:
+    """Rank in the default process group (0 when torch.distributed is not initialised)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+@contextlib.contextmanager
+def gathered_adapter_tensors(layers: list[AdapterLayer], broadcast: bool = False) -> Iterator[dict[int, Any]]:
+    """Full (unsharded) adapter tensors of ``layers`` for the duration of the block; sharded again afterwards.
+
+    Under FSDP2 (``fully_shard``) the adapter parameters (A, B: r x in, out x r, small) are DTensor shards. Inside
+    the block every DTensor parameter/buffer owned directly by a layer is replaced by a plain tensor holding the
+    all-gathered full value (never the base weight: it belongs to ``base_layer``), so that duties written for one
+    process (``copy_``, matmuls, QR) run unchanged. On normal exit the full values are optionally broadcast from
+    rank 0 (``broadcast=True``: every adapter tensor of the layers, sharded or not, so that all ranks hold bitwise
+    the same bases), written back into the local shards, and the sharded tensors put back. Yields a map from
+    ``id(temporary parameter)`` to the original sharded parameter (to translate optimizer-state resets). Without
+    DTensors this only does the broadcast. A collective: every rank must enter it.
+    """
+    dtensor = _dtensor_type()
+    swapped: list[tuple[dict[str, Any], str, Any, torch.Tensor]] = []
+    alias: dict[int, Any] = {}
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                for store in (layer._parameters, layer._buffers):
+                    for name, t in list(store.items()):
+                        if dtensor is None or not isinstance(t, dtensor):
+                            continue
+                        full = t.full_tensor().detach().clone()
+                        new = nn.Parameter(full, requires_grad=t.requires_grad) if store is layer._parameters else full
+                        store[name] = new
+                        swapped.append((store, name, t, new))
+                        alias[id(new)] = t
+        yield alias
+        with torch.no_grad():
+            if broadcast and dist_world_size() > 1:
+                broadcast_from_rank0([t for layer in layers for t in layer.adapter_tensors().values()])
+            if swapped:
+                from torch.distributed.tensor import distribute_tensor
+
+                for _store, _name, orig, new in swapped:  # each rank keeps its own shard: no communication
+                    shard = distribute_tensor(new.detach(), orig.device_mesh, orig.placements, src_data_rank=None)
+                    orig.to_local().copy_(shard.to_local())
+    finally:
+        for store, name, orig, _new in swapped:
+            store[name] = orig
+
+
+def broadcast_from_rank0(tensors: list[torch.Tensor], bucket_numel: int = 1 << 26) -> None:
+    """Overwrite ``tensors`` in place with rank 0's values, coalesced by device and dtype into flat buckets."""
+    groups: dict[tuple[Any, Any], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    with torch.no_grad():
+        for ts in groups.values():
+            start = 0
+            while start < len(ts):
+                bucket, n = [], 0
+                while start < len(ts) and (not bucket or n + ts[start].numel() <= bucket_numel):
+                    bucket.append(ts[start])
+                    n += ts[start].numel()
+                    start += 1
+                flat = torch.cat([t.reshape(-1) for t in bucket])
+                dist.broadcast(flat, src=0)
+                for t, part in zip(bucket, flat.split([t.numel() for t in bucket]), strict=True):
+                    t.copy_(part.view_as(t))
+
+
+def _unsupported_sharding(model: nn.Module, adapted: AdaptedModel, optimizer: Any) -> str | None:
+    """Why the method's in-place duties would be silently wrong with this wrapping (None: fine)."""
+    for layer in adapted.adapter_layers().values():
+        for p in layer.parameters(recurse=False):
+            if hasattr(p, "ds_id") or hasattr(p, "ds_status"):
+                return "DeepSpeed ZeRO-3 partitions the adapter parameters"
+            if getattr(p, "_fsdp_flattened", False):
+                return "FSDP1 (FullyShardedDataParallel) flattens the adapter parameters into shards"
+    if any(type(m).__name__ == "FullyShardedDataParallel" for m in (model, *adapted.modules())):
+        return "FSDP1 (FullyShardedDataParallel) flattens the adapter parameters into shards"
+    seen, opt = 0, optimizer
+    while opt is not None and seen < 8:
+        if type(opt).__module__.split(".")[0] == "deepspeed":
+            return (f"the DeepSpeed optimizer {type(opt).__name__} keeps its own (fp32 master / partitioned) copies of "
+                    "the adapter parameters, which would overwrite the re-parameterised values at the next step")
+        opt, seen = getattr(opt, "optimizer", None), seen + 1
+    return None
+
+
 class Controller:
     """Drives the per-step duties of the attached method.
 
@@ -52,13 +156,29 @@ class Controller:
         optimizer: the optimizer that holds ``model.trainable_parameters()``; required when the method resets
             optimizer state (SDS-LoRA, orthogonal).
         total_steps: the run's total number of optimizer steps T (required by SDS-LoRA's decaying schedule).
+        sync: ``"auto"`` (default): when torch.distributed is initialised with world size > 1 (DDP, FSDP2, the HF
+            Trainer / Accelerate under ``torchrun`` or ``accelerate launch``), after every step that runs a duty
+            the adapter tensors of all layers are broadcast from rank 0, so every rank holds bitwise the same A, B
+            and bases whatever its hardware's rounding; ``False``: never broadcast. Every rank must call
+            :meth:`step` (the duties of an FSDP2-sharded model gather A and B: a collective).
 
-    Raises ``ValueError`` when ``total_steps`` is needed but missing, or the optimizer does not hold the adapter's
-    trainable tensors. If the model was loaded from a saved adapter that carries a Controller state, the step
+    Under FSDP2 (``fully_shard``) the duties run on all-gathered A, B (never the base weight) and the results are
+    written back into the shards. Under gradient accumulation with Accelerate (``accelerator.accumulate``), a call
+    of ``step()`` on a micro-batch whose optimizer step was skipped is ignored, so the counter counts optimizer
+    steps. Raises ``ValueError`` when ``total_steps`` is needed but missing, the optimizer does not hold the
+    adapter's trainable tensors, or a method with per-step duties runs under a wrapping whose copies of the
+    adapter it cannot update (DeepSpeed ZeRO, FSDP1: use DDP or FSDP2, see docs/scaling.md). If the model was loaded from a saved adapter that carries a Controller state, the step
     counter resumes from it (and ``total_steps`` must agree).
     """
 
-    def __init__(self, model: nn.Module, optimizer: Any = None, total_steps: int | None = None):
+    def __init__(
+        self, model: nn.Module, optimizer: Any = None, total_steps: int | None = None, sync: str | bool = "auto"
+    ):
+        if sync not in ("auto", True, False):
+            raise ValueError(f"sync must be 'auto', True or False, got {sync!r}")
+        self.sync = sync
+        self._sync_checked = False
+        self._outer_optimizer = optimizer
         self.model = find_adapted_model(model)
         cfg = self.model.adapter_config
         self.options = cfg.method_options()
@@ -76,8 +196,15 @@ class Controller:
         if total_steps is not None and total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
         self.total_steps = total_steps
-        self.optimizer = None if optimizer is None else unwrap_optimizer(optimizer)
         resets = self.layer_cls is not None and self.layer_cls.has_step_duties
+        why = _unsupported_sharding(model, self.model, optimizer) if resets else None
+        if why:
+            raise ValueError(
+                f"method {cfg.method!r} rewrites the adapter tensors in place at its per-step duties, which is not "
+                f"supported here: {why}. Use DDP or FSDP2 (torch.distributed.fsdp.fully_shard; Accelerate: "
+                "fsdp_version 2) instead; see docs/scaling.md"
+            )
+        self.optimizer = None if optimizer is None else unwrap_optimizer(optimizer)
         if resets and self.optimizer is None:
             raise ValueError(f"method {cfg.method!r} resets optimizer state: pass the optimizer to the Controller")
         if self.optimizer is not None:
@@ -98,14 +225,35 @@ class Controller:
 
     def step(self, t: int | None = None) -> StepOutcome:
         """Run the duties of optimizer step ``t`` (default: the next one). Returns what was done."""
+        gradient_state = getattr(self._outer_optimizer, "gradient_state", None)  # accelerate's AcceleratedOptimizer
+        if t is None and gradient_state is not None and not getattr(gradient_state, "sync_gradients", True):
+            return StepOutcome()  # a micro-batch of an accumulation cycle: the optimizer did not step
         self.t = self.t + 1 if t is None else int(t)
         if self.layer_cls is None:
             return StepOutcome()
-        out = self.layer_cls.on_optimizer_step(self.layers, self.t, self.total_steps, self.options)
+        due = self.layer_cls.duties_due(self.t, self.total_steps, self.options)
+        ctx = gathered_adapter_tensors(self.layers, broadcast=self._sync_now()) if due else contextlib.nullcontext({})
+        with ctx as alias:
+            out = self.layer_cls.on_optimizer_step(self.layers, self.t, self.total_steps, self.options)
         if out.reset_params:
-            self.reset_optimizer_state(out.reset_params)
+            self.reset_optimizer_state([alias.get(id(p), p) for p in out.reset_params])
         self.events.extend(out.events)
         return out
+
+    def _sync_now(self) -> bool:
+        if self.sync is False or dist_world_size() == 1:
+            return False
+        if not self._sync_checked:  # the broadcast needs the same tensors on every rank (not pipeline parallel)
+            mine = [(n, tuple(t.shape), str(t.dtype)) for layer in self.layers for n, t in layer.adapter_tensors().items()]
+            every: list[Any] = [None] * dist_world_size()
+            dist.all_gather_object(every, mine)
+            if any(o != mine for o in every):
+                raise RuntimeError(
+                    "the ranks hold different adapter tensors (pipeline / tensor parallelism?): the Controller cannot "
+                    "sync them from rank 0; pass Controller(..., sync=False)"
+                )
+            self._sync_checked = True
+        return True
 
     def reset_optimizer_state(self, params: list[nn.Parameter]) -> None:
         """Forget the optimizer state (moments and step counters) of ``params``; they re-initialise lazily."""

@@ -22,6 +22,7 @@ from torch import nn
 
 from . import __version__
 from .config import AdapterConfig
+from .control import _dtensor_type, dist_rank, gathered_adapter_tensors
 from .linalg import svd_of_product
 from .model import AdaptedModel, attach
 
@@ -53,7 +54,10 @@ def _staged_dir(path: str | Path, owned: tuple[str, ...]) -> Iterator[Path]:
 
 def _cpu_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     out = {}
+    dtensor = _dtensor_type()
     for k, t in tensors.items():
+        if dtensor is not None and isinstance(t, dtensor):  # FSDP2 shard: gather the full tensor (a collective)
+            t = t.full_tensor()
         t = t.detach()
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
@@ -75,7 +79,10 @@ def _base_model_info(model: nn.Module) -> dict[str, Any]:
 
 # ---- native format ---------------------------------------------------------------------------------------------
 def save_adapter(model: AdaptedModel, path: str | Path) -> Path:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` to ``path`` (created if needed)."""
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` to ``path`` (created if needed).
+
+    Under torch.distributed call it on every rank when the model is FSDP2-sharded (the shards are gathered, a
+    collective); only rank 0 writes (under DDP, calling it on rank 0 alone is fine too)."""
     if not isinstance(model, AdaptedModel):
         raise TypeError(f"save_adapter() takes an AdaptedModel, got {type(model).__name__}")
     model._check_live()
@@ -96,6 +103,8 @@ def save_adapter(model: AdaptedModel, path: str | Path) -> Path:
         "controller": model._controller.state_dict() if model._controller is not None else None,
         "base_model": _base_model_info(model.model),
     }
+    if dist_rank() != 0:  # under torch.distributed every rank gathers (FSDP2), rank 0 alone writes
+        return Path(path)
     with _staged_dir(path, (WEIGHTS_NAME, CONFIG_NAME)) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": FORMAT})
         _write_json(tmp / CONFIG_NAME, meta)
@@ -223,7 +232,8 @@ def export_peft(
     ranks: dict[str, int] = {}
     errors: dict[str, float] = {}
     for name, layer in layers.items():
-        b, a = layer.export_lora()
+        with gathered_adapter_tensors([layer]):  # FSDP2: the full factors of this layer (small), else a no-op
+            b, a = layer.export_lora()
         if max_rank is not None and b.shape[1] > max_rank:
             with torch.no_grad():
                 u, s, v = svd_of_product(b.double(), a.double().T, max_rank)
@@ -264,6 +274,8 @@ def export_peft(
         "revision": None,
     }
     report = {"source_method": model.method, "rank": rank, "max_rank": max_rank, "relative_error": errors}
+    if dist_rank() != 0:  # rank 0 alone writes (after every rank took part in the gathers above)
+        return Path(path)
     with _staged_dir(path, (WEIGHTS_NAME, CONFIG_NAME, "export_report.json")) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         _write_json(tmp / CONFIG_NAME, cfg)

@@ -98,6 +98,12 @@ class AdapterLayer(nn.Module):
         return False
 
     @classmethod
+    def duties_due(cls, t: int, total_steps: int | None, options: Any) -> bool:
+        """Whether :meth:`on_optimizer_step` may change tensors after optimizer step ``t``: only then does the
+        Controller gather FSDP2 shards and sync the ranks. Default: ``has_step_duties`` (always, to be safe)."""
+        return cls.has_step_duties
+
+    @classmethod
     def on_optimizer_step(
         cls, layers: list[AdapterLayer], t: int, total_steps: int | None, options: Any
     ) -> StepOutcome:

@@ -167,6 +167,14 @@ class _TwoPhase(AdapterLayer):
         return options.refresh_interval() is None
 
     @classmethod
+    def duties_due(cls, t: int, total_steps: int | None, options: SDSOptions) -> bool:
+        off = options.offset
+        if off and t <= off:
+            return t % options.warmup_steps == 0
+        tm_total = None if total_steps is None else total_steps - off
+        return t - off == options.warmup_steps or refresh_due(t - off, tm_total, options)
+
+    @classmethod
     def on_optimizer_step(
         cls, layers: list[AdapterLayer], t: int, total_steps: int | None, options: SDSOptions
     ) -> StepOutcome:

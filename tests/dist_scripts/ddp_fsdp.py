@@ -1,0 +1,189 @@
+"""torchrun --nproc-per-node 2 ddp_fsdp.py: SDS-LoRA under DDP (with and without the Controller's rank-0 sync) and
+under FSDP2 (fully_shard), each compared with a one-process run on the same global batch; writes a JSON summary
+(rank 0) to $SDSLORA_TEST_OUT for tests/test_distributed.py."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from common import (
+    LR,
+    T,
+    adapter_snapshot,
+    fresh_model,
+    identical_on_all_ranks,
+    local_batch,
+    max_diff,
+    reference_run,
+    write_result,
+)
+from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import sdslora
+import sdslora.io as sio
+
+
+def run_ddp(ref: dict[str, Any], sync: Any, perturb: bool = False) -> dict[str, Any]:
+    """``perturb``: before the duty of step 12, rank 1 nudges one B by 1e-6 (as if its hardware rounded
+    differently); with the Controller's sync the ranks are bitwise equal again after the duty."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = fresh_model()
+    model.train()
+    ddp = DDP(model)  # wrap AFTER attach
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=LR)
+    ctl = sdslora.Controller(ddp, opt, total_steps=T, sync=sync)
+    losses, identical, vs_ref, no_grad = [], {}, {}, []
+    before = None
+    for step in range(1, T + 1):
+        out = ddp(**local_batch(step, rank, world))
+        out.loss.backward()
+        no_grad += [n for n, p in model.named_trainable_parameters() if p.grad is None]
+        opt.step()
+        opt.zero_grad()
+        if perturb and step == 12 and rank == 1:
+            with torch.no_grad():
+                next(iter(model.adapter_layers().values())).lora_B.add_(1e-6)
+        if perturb and step == 12:
+            before = identical_on_all_ranks(adapter_snapshot(model))
+        done = ctl.step()
+        loss = out.loss.detach().clone()
+        dist.all_reduce(loss)
+        losses.append(float(loss) / world)
+        if done.events:
+            snap = adapter_snapshot(model)
+            identical[step] = identical_on_all_ranks(snap)
+            vs_ref[step] = max_diff(snap, ref["snaps"][step])
+    layer0 = next(iter(model.adapter_layers().values()))
+    return {
+        "losses": losses,
+        "identical": identical,
+        "vs_ref": vs_ref,
+        "no_grad": sorted(set(no_grad)),
+        "events": [e["event"] for e in ctl.events],
+        "phase": int(layer0.lora_phase),
+        "decoupled": layer0.decoupled,
+        "identical_before_duty_12": before,
+    }
+
+
+def run_fsdp(ref: dict[str, Any]) -> dict[str, Any]:
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = fresh_model()
+    model.train()
+    for block in model.model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    layers = model.adapter_layers()
+    adapter_ids = {id(p) for layer in layers.values() for p in layer.parameters(recurse=False)}
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=LR)
+    ctl = sdslora.Controller(model, opt, total_steps=T)
+
+    gathered: list[int] = []  # ids of every DTensor gathered during the Controller's duties
+    orig_full = DTensor.full_tensor
+
+    def spy(self: DTensor, *a: Any, **k: Any) -> torch.Tensor:
+        gathered.append(id(self))
+        return orig_full(self, *a, **k)
+
+    losses, identical, vs_ref, sharded_after = [], {}, {}, {}
+    n_gathered = 0
+    for step in range(1, T + 1):
+        out = model(**local_batch(step, rank, world))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        DTensor.full_tensor = spy
+        try:
+            done = ctl.step()
+        finally:
+            DTensor.full_tensor = orig_full
+        loss = out.loss.detach().clone()
+        dist.all_reduce(loss)
+        losses.append(float(loss) / world)
+        if done.events:
+            n_gathered += len(gathered)
+            sharded_after[step] = all(
+                isinstance(p, DTensor) and p.to_local().shape[0] < p.shape[0]
+                for layer in layers.values()
+                for p in layer.parameters(recurse=False)
+            )
+            snap = adapter_snapshot(model)
+            identical[step] = identical_on_all_ranks(snap)
+            vs_ref[step] = max_diff(snap, ref["snaps"][step])
+    only_adapter = set(gathered) <= adapter_ids
+    # save from the sharded model: every rank calls, rank 0 alone writes the full adapter
+    writes: list[str] = []
+    orig_save = sio.save_file
+
+    def count_save(tensors: dict[str, torch.Tensor], filename: str, **k: Any) -> None:
+        writes.append(filename)
+        orig_save(tensors, filename, **k)
+
+    sio.save_file = count_save
+    out_dir = Path(tempfile.gettempdir()) / f"sdslora_fsdp_save_{dist.get_rank() and 'x'}{id(ref)}"
+    shared_dir = [str(out_dir) if rank == 0 else None]
+    dist.broadcast_object_list(shared_dir, src=0)
+    try:
+        sdslora.save_adapter(model, shared_dir[0] + "/native")
+        sdslora.export_peft(model, shared_dir[0] + "/peft")
+    finally:
+        sio.save_file = orig_save
+    n_writes = [None] * world
+    dist.all_gather_object(n_writes, len(writes))
+    final = adapter_snapshot(model)
+    result: dict[str, Any] = {
+        "losses": losses,
+        "identical": identical,
+        "vs_ref": vs_ref,
+        "sharded_after": sharded_after,
+        "gathered_only_adapter": only_adapter,
+        "n_gathered": n_gathered,
+        "writes_per_rank": n_writes,
+        "events": [e["event"] for e in ctl.events],
+    }
+    if rank == 0:
+        saved = load_file(shared_dir[0] + "/native/adapter_model.safetensors")
+        result["saved_keys_match"] = sorted(saved) == sorted(final)
+        result["saved_vs_model"] = max(float((saved[k].float() - final[k]).abs().max()) for k in final)
+        result["saved_vs_ref"] = max(float((saved[k].float() - ref["final"][k]).abs().max()) for k in final)
+        peft = load_file(shared_dir[0] + "/peft/adapter_model.safetensors")
+        errs = []
+        for name, layer in model.adapter_layers().items():
+            p = f"{name}."
+            a, b, qa, qb = (final[p + k] for k in ("lora_A", "lora_B", "lora_QA", "lora_QB"))
+            delta = layer.scale * (qb @ a + b @ qa)
+            pa, pb = (peft[f"base_model.model.{name}.lora_{k}.weight"] for k in "AB")
+            errs.append(float((pb.float() @ pa.float() - delta).abs().max()))
+        result["peft_delta_err"] = max(errs)
+    return result
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    ref = reference_run()
+    result = {
+        "world": dist.get_world_size(),
+        "ref_losses": ref["losses"],
+        "ref_events": [e["event"] for e in ref["events"]],
+        "ddp_nosync": run_ddp(ref, sync=False),
+        "ddp": run_ddp(ref, sync="auto"),
+        "ddp_perturbed_sync": run_ddp(ref, sync="auto", perturb=True),
+        "ddp_perturbed_nosync": run_ddp(ref, sync=False, perturb=True),
+        "fsdp": run_fsdp(ref),
+    }
+    write_result(result)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""SDS-LoRA beyond one process (issue 5): DDP, FSDP2 and the HF Trainer under torchrun (gloo, 2 CPU processes).
+
+Each scenario runs in scripts under tests/dist_scripts/ launched with ``python -m torch.distributed.run``; they
+compare every run with a one-process run on the same global batch and write a JSON summary that is checked here.
+Also: the Controller's setup errors for wrappings it cannot serve (DeepSpeed ZeRO, FSDP1), its schedule query
+``duties_due`` against what the duties really do, and micro-batch calls under Accelerate's gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from models import batch_for, tiny_llama
+
+import sdslora
+from sdslora.methods.base import StepOutcome
+
+SCRIPTS = Path(__file__).parent / "dist_scripts"
+T = 20
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(script: str, tmp_path: Path, timeout: int = 150) -> dict[str, Any]:
+    out = tmp_path / f"{script}.json"
+    env = dict(os.environ, SDSLORA_TEST_OUT=str(out), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        str(SCRIPTS / script),
+    ]
+    proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def ddp_fsdp(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _launch("ddp_fsdp.py", tmp_path_factory.mktemp("ddp_fsdp"))
+
+
+DUTY_STEPS = [
+    "10",
+    "12",
+    "14",
+    "16",
+    "18",
+    "20",
+]  # re-parameterisation after 10, refreshes every 2 steps after
+
+
+def _check_run(run: dict[str, Any], ref_losses: list[float]) -> None:
+    assert run["events"] == ["reparameterise"] + ["refresh"] * 5
+    # the loss curve of 2 ranks x 2 samples equals one process on the 4 samples
+    assert len(run["losses"]) == T
+    assert max(abs(a - b) for a, b in zip(run["losses"], ref_losses, strict=True)) < 1e-5
+    # after the re-parameterisation and every refresh, every rank holds bitwise the same A, B, Q_A, Q_B, phase
+    assert sorted(run["identical"], key=int) == DUTY_STEPS
+    assert all(run["identical"].values())
+    # ... and the same values as the one-process run (float tolerance: the gradient all-reduce sums differently)
+    assert max(run["vs_ref"].values()) < 1e-4
+
+
+def test_ddp_matches_one_process_and_ranks_stay_identical(ddp_fsdp: dict[str, Any]) -> None:
+    assert ddp_fsdp["world"] == 2
+    assert ddp_fsdp["ref_events"] == ["reparameterise"] + ["refresh"] * 5
+    for key in ("ddp", "ddp_nosync"):  # identical even without the Controller's broadcast (same hardware)
+        run = ddp_fsdp[key]
+        _check_run(run, ddp_fsdp["ref_losses"])
+        assert run["no_grad"] == []  # no trainable parameter left without a gradient
+        assert (
+            run["phase"] == 1 and run["decoupled"] is True
+        )  # DDP's buffer broadcast does not undo the phase
+
+
+def test_ddp_sync_repairs_rank_divergence(ddp_fsdp: dict[str, Any]) -> None:
+    synced, unsynced = ddp_fsdp["ddp_perturbed_sync"], ddp_fsdp["ddp_perturbed_nosync"]
+    assert synced["identical_before_duty_12"] is False and unsynced["identical_before_duty_12"] is False
+    assert all(synced["identical"].values())  # the broadcast from rank 0 after the duty
+    assert unsynced["identical"]["10"] and not any(unsynced["identical"][s] for s in DUTY_STEPS[1:])
+
+
+def test_fsdp2_duties_gather_adapter_only_and_match_one_process(ddp_fsdp: dict[str, Any]) -> None:
+    run = ddp_fsdp["fsdp"]
+    _check_run(run, ddp_fsdp["ref_losses"])
+    assert all(run["sharded_after"].values())  # A, B are DTensor shards again after every duty
+    assert run["n_gathered"] > 0 and run["gathered_only_adapter"]  # never W0
+    # save / export from the sharded model: every rank called, rank 0 wrote (native + PEFT), rank 1 nothing
+    assert run["writes_per_rank"] == [2, 0]
+    assert run["saved_keys_match"] and run["saved_vs_model"] == 0.0 and run["saved_vs_ref"] < 1e-4
+    assert run["peft_delta_err"] < 1e-6
+
+
+# ---- setup errors and schedule query (one process) ----------------------------------------------------------------
+def _sds_model() -> sdslora.AdaptedModel:
+    torch.manual_seed(0)
+    return sdslora.attach(tiny_llama(), sdslora.AdapterConfig(method="sds", r=4, target_modules=["q_proj"]))
+
+
+def test_deepspeed_zero3_params_raise_at_setup() -> None:
+    model = _sds_model()
+    next(iter(model.adapter_layers().values())).lora_A.ds_id = 7  # what DeepSpeed ZeRO-3 puts on its params
+    opt = torch.optim.AdamW(model.trainable_parameters())
+    with pytest.raises(ValueError, match="ZeRO-3.*Use DDP or FSDP2"):
+        sdslora.Controller(model, opt, total_steps=T)
+
+
+def test_deepspeed_optimizer_raises_at_setup() -> None:
+    model = _sds_model()
+    inner = torch.optim.AdamW(model.trainable_parameters())
+    zero = type("DeepSpeedZeroOptimizer", (), {"__module__": "deepspeed.runtime.zero.stage_1_and_2"})()
+    zero.optimizer = inner
+    with pytest.raises(ValueError, match="DeepSpeed optimizer DeepSpeedZeroOptimizer"):
+        sdslora.Controller(model, zero, total_steps=T)
+    # plain LoRA has no duties: nothing to refuse
+    lora = sdslora.attach(tiny_llama(), sdslora.AdapterConfig(method="lora", r=4, target_modules=["q_proj"]))
+    sdslora.Controller(lora, zero)
+
+
+def test_fsdp1_flattened_params_raise_at_setup() -> None:
+    model = _sds_model()
+    next(iter(model.adapter_layers().values())).lora_B._fsdp_flattened = True  # FSDP1's mark on its params
+    with pytest.raises(ValueError, match="FSDP1"):
+        sdslora.Controller(model, torch.optim.AdamW(model.trainable_parameters()), total_steps=T)
+
+
+def test_bad_sync_value() -> None:
+    model = _sds_model()
+    with pytest.raises(ValueError, match="sync must be"):
+        sdslora.Controller(model, torch.optim.AdamW(model.trainable_parameters()), total_steps=T, sync="yes")
+
+
+@pytest.mark.parametrize(
+    "method,options,total",
+    [
+        ("sds", {}, 60),
+        ("sds", {"refresh": "every:3"}, 40),
+        ("sds", {"warmup_mode": "init_phase"}, 90),
+        ("orthogonal", {"refresh": "never"}, 30),
+    ],
+)
+def test_duties_due_matches_what_the_duties_do(method: str, options: dict[str, Any], total: int) -> None:
+    """The Controller gathers / syncs only on steps where ``duties_due``; it must cover every step that acts."""
+    model = sdslora.attach(
+        tiny_llama(), sdslora.AdapterConfig(method=method, r=2, target_modules=["q_proj"], options=options)
+    )
+    ctl = sdslora.Controller(model, torch.optim.SGD(model.trainable_parameters(), lr=0.0), total_steps=total)
+    cls, opts = ctl.layer_cls, ctl.options
+    for t in range(1, total + 1):
+        out = ctl.step()
+        assert bool(out.events or out.reset_params) == cls.duties_due(t, total, opts), t
+
+
+class _GradState:
+    sync_gradients = True
+
+
+class _AcceleratedLike(torch.optim.Optimizer):
+    """Minimal stand-in with accelerate's AcceleratedOptimizer interface (gradient_state.sync_gradients)."""
+
+    def __init__(self, inner: torch.optim.Optimizer):
+        self.optimizer, self.gradient_state = inner, _GradState()
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    @property
+    def param_groups(self) -> Any:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        if self.gradient_state.sync_gradients:
+            self.optimizer.step(closure)
+
+
+def test_accumulation_micro_batches_do_not_count() -> None:
+    """With Accelerate's accumulate(), step() after a skipped (micro-batch) optimizer step is ignored."""
+    model = _sds_model()
+    opt = _AcceleratedLike(torch.optim.AdamW(model.trainable_parameters(), lr=1e-3))
+    ctl = sdslora.Controller(model, opt, total_steps=T)
+    batch = batch_for("llama")
+    outcomes: list[StepOutcome] = []
+    for micro in range(1, 2 * 12 + 1):  # 2 micro-batches per optimizer step, 12 optimizer steps
+        opt.gradient_state.sync_gradients = micro % 2 == 0
+        (model(**batch).loss / 2).backward()
+        opt.step()
+        if opt.gradient_state.sync_gradients:
+            opt.optimizer.zero_grad()
+        outcomes.append(ctl.step())
+    assert ctl.t == 12
+    assert [e["step"] for e in ctl.events] == [10, 12]  # re-parameterisation after optimizer step 10
+    assert [i for i, o in enumerate(outcomes, 1) if o.events] == [20, 24]  # micro-batches 20, 24
