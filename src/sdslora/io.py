@@ -236,11 +236,11 @@ def export_peft(
             b, a = layer.export_lora()
         if max_rank is not None and b.shape[1] > max_rank:
             with torch.no_grad():
-                u, s, v = svd_of_product(b.double(), a.double().T, max_rank)
-                full2 = ((b.double().T @ b.double()) * (a.double() @ a.double().T)).sum()
-                err2 = (full2 - (s**2).sum()).clamp_min(0)
-                errors[name] = float((err2 / full2.clamp_min(1e-300)).sqrt())
-                b, a = u * s[None, :], v.T
+                # all singular values (exact, via the small core): error = √(Σ_{i>k} σ_i²) / √(Σ σ_i²), without
+                # the cancellation of ‖ΔW‖² − Σ_{i≤k} σ_i²
+                u, s, v = svd_of_product(b.double(), a.double().T, b.shape[1])
+                errors[name] = float(((s[max_rank:] ** 2).sum() / (s**2).sum().clamp_min(1e-300)).sqrt())
+                b, a = u[:, :max_rank] * s[None, :max_rank], v[:, :max_rank].T
         ranks[name] = int(b.shape[1])
         tensors[f"base_model.model.{name}.lora_A.weight"] = a
         tensors[f"base_model.model.{name}.lora_B.weight"] = b
