@@ -53,8 +53,13 @@ def test_matches_peft_preprocess_loraga_and_conv1d_layout():
     batches = [batch_for("gpt2", seed=s) for s in range(3)]
     ours = estimate_gradients(model, names, batches)
     peft_model = copy.deepcopy(model)
-    cfg = LoraConfig(r=2, target_modules=["c_attn", "c_proj", "c_fc"], init_lora_weights="lora_ga",
-                     lora_ga_config=LoraGAConfig(), fan_in_fan_out=True)
+    cfg = LoraConfig(
+        r=2,
+        target_modules=["c_attn", "c_proj", "c_fc"],
+        init_lora_weights="lora_ga",
+        lora_ga_config=LoraGAConfig(),
+        fan_in_fan_out=True,
+    )
 
     def train_step():
         for b in batches:
@@ -88,7 +93,9 @@ def test_restores_flags_grads_mode_and_hooks_also_on_error():
     got = estimate_gradients(model, names, batches)
     check()
     ref = _reference_grads(model, names, batches, "mean")
-    torch.testing.assert_close(got[names[0]], ref[names[0]], rtol=1e-5, atol=1e-7)  # the old .grad not counted
+    torch.testing.assert_close(
+        got[names[0]], ref[names[0]], rtol=1e-5, atol=1e-7
+    )  # the old .grad not counted
 
     calls = []
 

@@ -156,7 +156,7 @@ def load_adapter(base_model: nn.Module, path: str | Path) -> AdaptedModel:
     if missing:
         raise ValueError(f"{weights} is incomplete: {len(missing)} tensor(s) missing, e.g. {missing[0]!r}")
     config = AdapterConfig.from_dict(meta["config"])
-    adapted = attach(base_model, config, _exact_targets=list(meta["layers"]))
+    adapted = attach(base_model, config, _exact_targets=list(meta["layers"]), _from_saved=True)
     try:
         own = adapted.adapter_state_dict()
         wrong = [

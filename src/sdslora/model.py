@@ -10,7 +10,7 @@ import contextlib
 import inspect
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,12 +93,25 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def attach(model: nn.Module, config: AdapterConfig, *, _exact_targets: list[str] | None = None) -> AdaptedModel:
+def attach(
+    model: nn.Module,
+    config: AdapterConfig,
+    *,
+    init_data: Iterable[Any] | None = None,
+    init_loss: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    _exact_targets: list[str] | None = None,
+    _from_saved: bool = False,
+) -> AdaptedModel:
     """Adapt ``model`` in place according to ``config`` and return the :class:`AdaptedModel` wrapper.
 
     The base is frozen (``requires_grad=False``) except ``modules_to_save``; for ``method="full"`` nothing is
-    frozen and no layer is swapped. Raises ``ValueError`` for an unknown method or option, no matched target, or a
-    rank larger than a layer allows, and ``TypeError`` for an unsupported target layer type.
+    frozen and no layer is swapped. Methods with a data-driven initialisation (``needs_init_data``: LoRA-GA,
+    LoRA-SB) need ``init_data``, an iterable of a few training batches (dicts passed as ``model(**batch)``, whose
+    output carries ``.loss``, or any batch with ``init_loss(model, batch) -> loss``): the mean gradient ∂L/∂W of
+    every target is estimated on the plain model (:func:`sdslora.init.estimate_gradients`, memory-bounded) before
+    the layers are swapped, and handed to each new layer's ``init_from_gradient``. Other methods ignore
+    ``init_data``. Raises ``ValueError`` for an unknown method or option, no matched target, a rank larger than a
+    layer allows, or missing ``init_data``, and ``TypeError`` for an unsupported target layer type.
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"attach() takes an AdapterConfig, got {type(config).__name__}")
@@ -127,12 +140,24 @@ def attach(model: nn.Module, config: AdapterConfig, *, _exact_targets: list[str]
                 f"rank r={config.r} is larger than layer {name!r} allows (in={n_in}, out={n_out}, max rank "
                 f"{min(n_in, n_out)}); lower r or exclude this layer"
             )
+    options = spec.parse_options(config.options)
+    grads: dict[str, torch.Tensor] | None = None
+    if spec.layer_cls.needs_init_data and not _from_saved:  # a saved adapter brings its tensors: no data needed
+        if init_data is None:
+            raise ValueError(
+                f"{spec.description.split(',')[0]} (method {config.method!r}) needs init_data: a few batches of "
+                "training data for its gradient-based initialisation (attach(model, config, init_data=[batch, ...]))"
+            )
+        from .init import estimate_gradients
+
+        grads = estimate_gradients(model, targets, init_data, init_loss)
     for p in model.parameters():
         p.requires_grad_(False)
-    options = spec.parse_options(config.options)
     for name in targets:
         base = model.get_submodule(name)
         layer = spec.layer_cls(base, config.r, config.scale, config.dropout, config.adapter_dtype, options)
+        if grads is not None:
+            layer.init_from_gradient(grads.pop(name))
         _set_module(model, name, layer)
         layers[name] = layer
     if config.modules_to_save:

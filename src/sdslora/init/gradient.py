@@ -158,12 +158,14 @@ def estimate_gradients(
     if n_batches == 0:
         raise ValueError("init data yielded no batches: pass a few batches of training data")
     out: dict[str, torch.Tensor] = {}
-    for pid, (w, names) in params.items():
+    for pid, (_w, names) in params.items():
         g = acc[pid]
         if reduce == "mean":
             g = g / n_batches
         if not torch.isfinite(g).all():
-            raise ValueError(f"the estimated gradient of {names[0]!r} has non-finite entries (loss overflow?)")
+            raise ValueError(
+                f"the estimated gradient of {names[0]!r} has non-finite entries (loss overflow?)"
+            )
         for name in names:
             out[name] = g.T.contiguous() if is_conv1d(modules[name]) else g
     return out

@@ -13,6 +13,8 @@ from typing import Any
 from .base import AdapterLayer, StepOutcome
 from .lora import LoRALayer, LoRAOptions
 from .sds import OrthogonalLayer, SDSLayer, SDSOptions
+from .lora_ga import LoRAGALayer, LoRAGAOptions
+from .xs import SBLayer, SBOptions, XSLayer, XSOptions
 
 
 @dataclass
@@ -50,6 +52,20 @@ METHODS: dict[str, MethodSpec] = {
     "orthogonal": MethodSpec(
         "orthogonal", OrthogonalLayer, SDSOptions, "orthogonal-only ablation of SDS-LoRA (orthonormal B, A)",
         "Oh, Baik, Lee 2026, arXiv 2606.16454 (Table 5)",
+    ),
+    "lora_ga": MethodSpec(
+        "lora_ga", LoRAGALayer, LoRAGAOptions,
+        "LoRA-GA, LoRA initialised from the SVD of the mean gradient, base shifted by −s·B0A0 (needs init_data)",
+        "Wang, Yu, Li 2024, arXiv 2407.05000",
+    ),
+    "lora_xs": MethodSpec(
+        "lora_xs", XSLayer, XSOptions, "LoRA-XS, ΔW = s·B·R·A, frozen B, A from the SVD of W0, only R (r×r) trains",
+        "Bałazy et al. 2024, arXiv 2405.17604",
+    ),
+    "lora_sb": MethodSpec(
+        "lora_sb", SBLayer, SBOptions,
+        "LoRA-SB, ΔW = s·B·R·A initialised from the approximated first full-FT step, only R trains (needs init_data)",
+        "Ponkshe et al. 2024, arXiv 2411.19557",
     ),
     "full": MethodSpec("full", None, FullOptions, "full fine-tuning (reference)", "-"),
 }
