@@ -24,6 +24,7 @@ from . import __version__
 from .config import AdapterConfig
 from .control import _dtensor_type, dist_rank, gathered_adapter_tensors
 from .linalg import svd_of_product
+from .methods.base import deferred_init
 from .model import AdaptedModel, attach
 
 FORMAT = "sdslora-adapter"
@@ -156,7 +157,8 @@ def load_adapter(base_model: nn.Module, path: str | Path) -> AdaptedModel:
     if missing:
         raise ValueError(f"{weights} is incomplete: {len(missing)} tensor(s) missing, e.g. {missing[0]!r}")
     config = AdapterConfig.from_dict(meta["config"])
-    adapted = attach(base_model, config, _exact_targets=list(meta["layers"]), _from_saved=True)
+    with deferred_init():  # the saved tensors replace any initialisation; post_load() below finishes the layers
+        adapted = attach(base_model, config, _exact_targets=list(meta["layers"]), _from_saved=True)
     try:
         own = adapted.adapter_state_dict()
         wrong = [
@@ -180,6 +182,7 @@ def load_adapter(base_model: nn.Module, path: str | Path) -> AdaptedModel:
             sync = getattr(layer, "_sync_phase", None)
             if sync is not None:
                 sync()
+            layer.post_load()
     except Exception:
         adapted.unload()  # leave the user's base model as it was
         raise
@@ -231,9 +234,16 @@ def export_peft(
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     errors: dict[str, float] = {}
+    extra_cfg: dict[str, Any] = {}
     for name, layer in layers.items():
         with gathered_adapter_tensors([layer]):  # FSDP2: the full factors of this layer (small), else a no-op
             b, a = layer.export_lora()
+            fields, extra = layer.peft_extras()  # e.g. DoRA: use_dora and the magnitude vector
+        for k, v in fields.items():
+            if extra_cfg.setdefault(k, v) != v:
+                raise ValueError(f"layers disagree on the PEFT config field {k!r} ({extra_cfg[k]!r} vs {v!r})")
+        for k, v in extra.items():
+            tensors[f"base_model.model.{name}.{k}"] = v
         if max_rank is not None and b.shape[1] > max_rank:
             with torch.no_grad():
                 # all singular values (exact, via the small core): error = √(Σ_{i>k} σ_i²) / √(Σ σ_i²), without
@@ -273,6 +283,7 @@ def export_peft(
         "inference_mode": True,
         "revision": None,
     }
+    cfg.update(extra_cfg)
     report = {"source_method": model.method, "rank": rank, "max_rank": max_rank, "relative_error": errors}
     if dist_rank() != 0:  # rank 0 alone writes (after every rank took part in the gathers above)
         return Path(path)

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import AdapterLayer, StepOutcome
+from .dora import DoRALayer, DoRAOptions
 from .lora import LoRALayer, LoRAOptions
+from .pissa import PiSSALayer, PiSSAOptions
 from .sds import OrthogonalLayer, SDSLayer, SDSOptions
 from .lora_ga import LoRAGALayer, LoRAGAOptions
 from .xs import SBLayer, SBOptions, XSLayer, XSOptions
@@ -66,6 +68,15 @@ METHODS: dict[str, MethodSpec] = {
         "lora_sb", SBLayer, SBOptions,
         "LoRA-SB, ΔW = s·B·R·A initialised from the approximated first full-FT step, only R trains (needs init_data)",
         "Ponkshe et al. 2024, arXiv 2411.19557",
+    ),
+    "pissa": MethodSpec(
+        "pissa", PiSSALayer, PiSSAOptions,
+        "PiSSA, LoRA initialised from the principal rank-r SVD part of W0, base re-based to W0 − s·B0A0",
+        "Meng, Wang, Zhang 2024, arXiv 2404.02948",
+    ),
+    "dora": MethodSpec(
+        "dora", DoRALayer, DoRAOptions, "DoRA, W' = m ⊙ (W0 + s·B·A)/‖W0 + s·B·A‖_c (norm detached), trainable m",
+        "Liu et al. 2024, arXiv 2402.09353",
     ),
     "full": MethodSpec("full", None, FullOptions, "full fine-tuning (reference)", "-"),
 }

@@ -8,6 +8,9 @@ basis refresh) are declared through :meth:`AdapterLayer.on_optimizer_step`; only
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -37,6 +40,26 @@ def layer_dims(module: nn.Module) -> tuple[int, int]:
     )
 
 
+_DEFERRED_INIT: ContextVar[bool] = ContextVar("sdslora_deferred_init", default=False)
+
+
+@contextmanager
+def deferred_init() -> Iterator[None]:
+    """Inside this context, new adapter layers skip weight-dependent initialisation (e.g. PiSSA's SVD and re-basing
+    of W0): their tensors are about to be overwritten by a saved adapter, after which ``post_load()`` runs.
+    ``io.load_adapter`` uses it; a layer reads it with :func:`init_deferred`."""
+    token = _DEFERRED_INIT.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED_INIT.reset(token)
+
+
+def init_deferred() -> bool:
+    """Whether layers are being built inside :func:`deferred_init` (to be filled from a saved adapter)."""
+    return _DEFERRED_INIT.get()
+
+
 @dataclass
 class StepOutcome:
     """What a method asks of the Controller after an optimizer step."""
@@ -51,6 +74,9 @@ class AdapterLayer(nn.Module):
     method: ClassVar[str] = ""
     has_step_duties: ClassVar[bool] = False  # True: on_optimizer_step may reset optimizer state
     needs_init_data: ClassVar[bool] = False  # True: attach() needs init_data and calls init_from_gradient(G)
+    # True: the method replaces the frozen base weight (PiSSA: W_res = W0 − s·B0·A0), so "adapter disabled" means the
+    # re-based weight, delta_weight() is relative to the ORIGINAL W0 and merge() adds delta_to_base() instead
+    rebases_base_weight: ClassVar[bool] = False
 
     def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any):
         super().__init__()
@@ -91,6 +117,20 @@ class AdapterLayer(nn.Module):
         """Data-driven initialisation of a ``needs_init_data`` method, called by attach() right after construction
         (never when a saved adapter is loaded). ``grad``: mean ∂L/∂W over the init data, float32, [out, in]."""
         raise NotImplementedError(f"{type(self).__name__} has no gradient-based initialisation")
+
+    def post_load(self) -> None:
+        """Called by ``io.load_adapter`` after the saved tensors and extra state are copied in (layers built inside
+        :func:`deferred_init`): re-derive what depends on them (PiSSA re-bases W0). Default: nothing."""
+
+    def delta_to_base(self) -> torch.Tensor:
+        """What ``merge()`` adds to the layer's current base weight, [out, in]: ``delta_weight()``, except for
+        methods that re-base W0 (``rebases_base_weight``), whose ``delta_weight()`` is relative to the original."""
+        return self.delta_weight()
+
+    def peft_extras(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Extra PEFT ``adapter_config.json`` fields (equal for every layer, e.g. ``{"use_dora": True}``) and extra
+        tensors of this layer (local key -> tensor, e.g. ``{"lora_magnitude_vector": m}``) for ``io.export_peft``."""
+        return {}, {}
 
     @classmethod
     def requires_total_steps(cls, options: Any) -> bool:
@@ -153,7 +193,7 @@ class AdapterLayer(nn.Module):
         if self.merged:
             return
         w = self.base_weight
-        delta = self._to_base_layout(self.delta_weight()).to(w.dtype)
+        delta = self._to_base_layout(self.delta_to_base()).to(w.dtype)
         if not torch.isfinite(delta).all():
             raise ValueError(f"{type(self).__name__}: ΔW has non-finite entries; refusing to merge")
         w.add_(delta)
@@ -165,7 +205,7 @@ class AdapterLayer(nn.Module):
         if not self.merged:
             return
         w = self.base_weight
-        w.sub_(self._to_base_layout(self.delta_weight()).to(w.dtype))
+        w.sub_(self._to_base_layout(self.delta_to_base()).to(w.dtype))
         self.merged = False
 
     def extra_repr(self) -> str:

@@ -1,0 +1,135 @@
+"""PiSSA: Principal Singular values and Singular vectors Adaptation (Meng, Wang, Zhang, 2024, arXiv 2404.02948).
+
+W0 = U S Vᵀ (SVD of the base weight, nn.Linear layout [out, in]);
+A0 = diag(√(S_r/s)) V_rᵀ ∈ R^{r×in},  B0 = U_r diag(√(S_r/s)) ∈ R^{out×r},  so s·B0·A0 = U_r S_r V_rᵀ;
+the frozen base weight becomes the residual W_res = W0 − s·B0·A0 (the output is unchanged at initialisation), and
+A, B (starting at A0, B0) are trained as in LoRA: y = W_res x + s·B·A·x. Same as PEFT ``init_lora_weights="pissa"``;
+``pissa_niter=k`` uses the randomised SVD ``torch.svd_lowrank(W0, q=r, niter=k)`` (PEFT ``"pissa_niter_k"``; the
+SDS-LoRA authors used k = 4).
+
+Relative to the ORIGINAL weight the update is ΔW = s·B·A − s·B0·A0 (``delta_weight()``; zero at initialisation), so
+the layer keeps A0, B0 as buffers ``lora_A0``, ``lora_B0``. ``merge()`` adds s·B·A to W_res (= W0 + ΔW). The PEFT
+export is an exact rank-2r LoRA of ΔW relative to W0: B' = [s·B | −s·B0], A' = [A ; A0] (what PEFT's own
+PiSSA-to-LoRA conversion writes), so ``PeftModel.from_pretrained(original_base, dir)`` reproduces the outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import AdapterLayer, init_deferred
+from .lora import LoRALayer
+
+
+@dataclass
+class PiSSAOptions:
+    """Options of ``pissa``.
+
+    Args:
+        pissa_niter: ``None`` (default) for the exact SVD (``torch.linalg.svd``), or k >= 0 for a randomised SVD with
+            k subspace iterations (``torch.svd_lowrank``; seed torch's RNG for a reproducible initialisation).
+    """
+
+    pissa_niter: int | None = None
+
+    def __post_init__(self) -> None:
+        k = self.pissa_niter
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise ValueError(f"pissa_niter must be None (exact SVD) or an int >= 0, got {k!r}")
+
+
+@torch.no_grad()
+def pissa_factors(
+    weight: torch.Tensor, r: int, scale: float, niter: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA's initial factors ``(A0 [r, in], B0 [out, r])`` of ``weight`` ([out, in]) with ``s·B0·A0`` = its
+    principal rank-r part. Computed in float32 (float64 stays float64); raises ValueError for r > min(out, in)."""
+    if not 1 <= r <= min(weight.shape):
+        raise ValueError(f"PiSSA rank r={r} must be between 1 and min(out, in) = {min(weight.shape)}")
+    w = weight if weight.dtype == torch.float64 else weight.float()
+    with torch.autocast(device_type=w.device.type, enabled=False):
+        if niter is None:
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            u, s, vh = u[:, :r], s[:r], vh[:r]
+        else:
+            u, s, v = torch.svd_lowrank(w, q=r, niter=niter)
+            vh = v.T
+        root = torch.sqrt(s / scale)
+        return root[:, None] * vh, u * root[None, :]
+
+
+class PiSSALayer(LoRALayer):
+    """PiSSA layer: LoRA on the residual weight. Buffers ``lora_A0`` [r, in], ``lora_B0`` [out, r] (the initial
+    factors); the base layer's weight holds W_res = W0 − s·B0·A0 once initialised.
+
+    Built inside ``deferred_init()`` (``io.load_adapter``) the SVD is skipped and W0 is left untouched until
+    ``post_load()`` re-bases it with the loaded A0, B0. Raises ValueError for an integer base weight.
+    """
+
+    method = "pissa"
+    rebases_base_weight = True
+
+    def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any):
+        # AdapterLayer's __init__, not LoRALayer's: no random A to draw (the RNG stays for svd_lowrank)
+        AdapterLayer.__init__(self, base_layer, r, scale, dropout, dtype, options)
+        if not self.base_weight.is_floating_point():
+            raise ValueError(
+                f"PiSSA needs a floating-point base weight (got {self.base_weight.dtype}); dequantise the model first"
+            )
+        kw = {"dtype": self.adapter_dtype, "device": self.base_weight.device}
+        self.lora_A = nn.Parameter(torch.zeros(self.r, self.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, **kw))
+        self.register_buffer("lora_A0", torch.zeros(self.r, self.in_features, **kw))
+        self.register_buffer("lora_B0", torch.zeros(self.out_features, self.r, **kw))
+        self._rebased = False
+        if init_deferred():
+            return
+        with torch.no_grad():
+            a0, b0 = pissa_factors(self._linear_weight(), self.r, self.scale, options.pissa_niter)
+            self.lora_A0.copy_(a0)
+            self.lora_B0.copy_(b0)
+            self.lora_A.copy_(self.lora_A0)
+            self.lora_B.copy_(self.lora_B0)
+        self._rebase()
+
+    def _linear_weight(self) -> torch.Tensor:
+        w = self.base_weight
+        return w.T if self.fan_in_fan_out else w
+
+    @torch.no_grad()
+    def _rebase(self) -> None:
+        """W ← W − s·B0·A0, computed in float32 (float64 stays float64) from the stored factors, cast back."""
+        w = self.base_weight
+        ct = torch.float64 if w.dtype == torch.float64 else torch.float32
+        with torch.autocast(device_type=w.device.type, enabled=False):
+            low = (self.scale * self.lora_B0.to(ct)) @ self.lora_A0.to(ct)
+            w.copy_((w.to(ct) - self._to_base_layout(low)).to(w.dtype))
+        self._rebased = True
+
+    def post_load(self) -> None:
+        if self._rebased:
+            raise RuntimeError(
+                "PiSSALayer.post_load() re-bases the original weight with the loaded A0, B0; this layer's weight is "
+                "already re-based: load adapters with sdslora.load_adapter onto a fresh original model"
+            )
+        self._rebase()
+
+    def delta_weight(self) -> torch.Tensor:
+        # relative to the original W0: s·B·A − s·B0·A0 (the frozen half carries no gradient)
+        return self.scale * (self.lora_B @ self.lora_A - self.lora_B0 @ self.lora_A0)
+
+    def delta_to_base(self) -> torch.Tensor:
+        return self.scale * (self.lora_B @ self.lora_A)
+
+    @torch.no_grad()
+    def export_lora(self) -> tuple[torch.Tensor, torch.Tensor]:
+        b = torch.cat([self.scale * self.lora_B, -self.scale * self.lora_B0], dim=1)
+        a = torch.cat([self.lora_A, self.lora_A0], dim=0)
+        return b.detach().clone(), a.detach().clone()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", niter={self.options.pissa_niter}"
