@@ -152,9 +152,9 @@ def test_bad_sync_value() -> None:
 @pytest.mark.parametrize(
     "method,options,total",
     [
-        ("sds", {}, 60),
-        ("sds", {"refresh": "every:3"}, 40),
-        ("sds", {"warmup_mode": "init_phase"}, 90),
+        ("sds", {}, 40),
+        ("sds", {"refresh": "every:3"}, 25),
+        ("sds", {"warmup_mode": "init_phase"}, 75),
         ("orthogonal", {"refresh": "never"}, 30),
     ],
 )
@@ -195,18 +195,36 @@ class _AcceleratedLike(torch.optim.Optimizer):
 
 def test_accumulation_micro_batches_do_not_count() -> None:
     """With Accelerate's accumulate(), step() after a skipped (micro-batch) optimizer step is ignored."""
-    model = _sds_model()
+    torch.manual_seed(0)
+    cfg = sdslora.AdapterConfig(method="sds", r=4, target_modules=["q_proj"], options={"warmup_steps": 3})
+    model = sdslora.attach(tiny_llama(), cfg)
     opt = _AcceleratedLike(torch.optim.AdamW(model.trainable_parameters(), lr=1e-3))
     ctl = sdslora.Controller(model, opt, total_steps=T)
     batch = batch_for("llama")
     outcomes: list[StepOutcome] = []
-    for micro in range(1, 2 * 12 + 1):  # 2 micro-batches per optimizer step, 12 optimizer steps
+    for micro in range(1, 2 * 6 + 1):  # 2 micro-batches per optimizer step, 6 optimizer steps
         opt.gradient_state.sync_gradients = micro % 2 == 0
         (model(**batch).loss / 2).backward()
         opt.step()
         if opt.gradient_state.sync_gradients:
             opt.optimizer.zero_grad()
         outcomes.append(ctl.step())
-    assert ctl.t == 12
-    assert [e["step"] for e in ctl.events] == [10, 12]  # re-parameterisation after optimizer step 10
-    assert [i for i, o in enumerate(outcomes, 1) if o.events] == [20, 24]  # micro-batches 20, 24
+    assert ctl.t == 6
+    # decaying schedule, T=20: re-parameterisation after optimizer step 3, refreshes after 4 and 6
+    assert [(e["step"], e["event"]) for e in ctl.events] == [
+        (3, "reparameterise"),
+        (4, "refresh"),
+        (6, "refresh"),
+    ]
+    assert [i for i, o in enumerate(outcomes, 1) if o.events] == [6, 8, 12]  # the micro-batches that end them
+
+
+def test_hf_trainer_under_torchrun_with_accumulation(ddp_fsdp: dict[str, Any]) -> None:
+    """The HF Trainer wraps the model in DDP under torchrun; SDSLoRACallback is all a user adds."""
+    run = ddp_fsdp["trainer"]
+    assert run["wrapped"] == "DistributedDataParallel"
+    # gradient accumulation 2: 40 micro-batches, 20 optimizer steps, and the Controller counts the latter
+    assert run["micro_batches"] == 2 * T and run["global_step"] == T and run["controller_t"] == T
+    assert run["event_steps"] == [10, 12, 14, 16, 18, 20]
+    _check_run(run, run["ref_losses"])
+    assert run["final_vs_ref"] < 1e-4

@@ -1,6 +1,6 @@
-"""torchrun --nproc-per-node 2 ddp_fsdp.py: SDS-LoRA under DDP (with and without the Controller's rank-0 sync) and
-under FSDP2 (fully_shard), each compared with a one-process run on the same global batch; writes a JSON summary
-(rank 0) to $SDSLORA_TEST_OUT for tests/test_distributed.py."""
+"""torchrun --nproc-per-node 2 ddp_fsdp.py: SDS-LoRA under DDP (with and without the Controller's rank-0 sync),
+under FSDP2 (fully_shard) and through the HF Trainer (trainer_ddp.py), each compared with a one-process run on the
+same global batch; writes a JSON summary (rank 0) to $SDSLORA_TEST_OUT for tests/test_distributed.py."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from common import (
 )
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
+from trainer_ddp import run_trainer
 
 import sdslora
 import sdslora.io as sio
@@ -179,6 +180,7 @@ def main() -> None:
         "ddp_perturbed_sync": run_ddp(ref, sync="auto", perturb=True),
         "ddp_perturbed_nosync": run_ddp(ref, sync=False, perturb=True),
         "fsdp": run_fsdp(ref),
+        "trainer": run_trainer(ref),  # in the same launch: process start-up dominates the test's time
     }
     write_result(result)
     dist.barrier()
