@@ -115,6 +115,16 @@ def _move(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def _inner_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside wrappers (accelerate's AcceleratedOptimizer subclasses torch's Optimizer, so
+    follow ``.optimizer`` links rather than stopping at the first Optimizer instance)."""
+    seen = 0
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer) and seen < 8:
+        optimizer = optimizer.optimizer
+        seen += 1
+    return unwrap_optimizer(optimizer)
+
+
 def _targets(model: nn.Module, adapted: AdaptedModel | None, layers: list[str] | None) -> dict[str, nn.Module]:
     if adapted is not None and adapted._layers:
         found: dict[str, nn.Module] = dict(adapted.adapter_layers())
@@ -248,7 +258,10 @@ def _layer_row(
             row["erank_grad_A"] = effective_rank(grads["lora_A"])
         if grads.get("lora_B") is not None:
             row["erank_grad_B"] = effective_rank(grads["lora_B"])
-        ub, va = orthonormal_basis(b).to(g.dtype), orthonormal_basis(a.T).to(g.dtype)
+        if sub is not None and sub[2] == "B,A":  # already computed for G*
+            ub, va = sub[0].to(g.dtype), sub[1].to(g.dtype)
+        else:
+            ub, va = orthonormal_basis(b).to(g.dtype), orthonormal_basis(a.T).to(g.dtype)
         if ub.shape[1]:
             row["erank_scalefree_A"] = effective_rank(ub.T @ g)
         if va.shape[1]:
@@ -313,7 +326,7 @@ def diagnose(
         adapted: AdaptedModel | None = find_adapted_model(model)
     except TypeError:
         adapted = None
-    opt = None if optimizer is None else unwrap_optimizer(optimizer)
+    opt = None if optimizer is None else _inner_optimizer(optimizer)
     modules = _targets(model, adapted, layers)
     method = adapted.method if adapted is not None else "full"
     loss_fn = loss_fn or default_loss
@@ -379,8 +392,12 @@ def verdict(diag: Diagnostics) -> str:
     if kappas:
         med = statistics.median(kappas)
         word = "well" if med < 3 else ("moderately" if med < 10 else "badly")
-        bad = med >= 10
-        parts.append(f"factors are {word} conditioned (median κ {med:.3g})")
+        if diag.method == "sds":  # SDS-LoRA's gradients do not depend on the factors' singular values
+            parts.append(f"factors are {word} conditioned (median κ {med:.3g}; this does not enter SDS-LoRA's "
+                         "gradients)")
+        else:
+            bad = med >= 10
+            parts.append(f"factors are {word} conditioned (median κ {med:.3g})")
     er = [v for r in rows for v in (r.get("erank_grad_A"), r.get("erank_grad_B")) if not _nan(v)]
     if er:
         mean_er = sum(er) / len(er)
@@ -396,7 +413,7 @@ def verdict(diag: Diagnostics) -> str:
     if cs is not None and diag.method != "full":
         parts.append(f"use of the current subspaces cos(G̃, G*) {cs:.2f}")
     text = "; ".join(parts) if parts else "no metric could be computed"
-    if diag.method in ("lora",) and bad:
+    if diag.method not in ("sds", "full") and kappas and bad:  # a factored (LoRA-family) method
         text += " — SDS-LoRA removes this scaling (its effective gradient is isotropic within the subspaces)"
     elif diag.method == "sds" and cs is not None and cs > 0.9:
         text += " — the effective gradient is isotropic within the subspaces, as SDS-LoRA intends"
