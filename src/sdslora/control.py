@@ -186,6 +186,9 @@ class Controller:
         self.layers = list(layers.values())
         self.layer_cls = type(self.layers[0]) if self.layers else None
         needs_t = self.layer_cls is not None and self.layer_cls.requires_total_steps(self.options)
+        saved = self.model._pending_controller_state
+        if total_steps is None and saved and saved.get("total_steps") is not None:
+            total_steps = saved["total_steps"]  # resuming a saved run: its T comes with it
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)):
             raise TypeError(f"total_steps must be an int, got {total_steps!r}")
         if needs_t and total_steps is None:
