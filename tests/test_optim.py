@@ -12,7 +12,7 @@ from models import batch_for, tiny_bert_cls, tiny_llama
 from torch import nn
 
 import sdslora
-from sdslora.optim import OPTIMIZERS, build_optimizer, lora_pro_gradients, riemannian_gradients
+from sdslora.optim import OPTIMIZERS, AltLoRA, build_optimizer, lora_pro_gradients, riemannian_gradients
 
 LORA_NAMES = ["loraplus", "scaled_adamw", "lora_pro", "altlora"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -55,6 +55,7 @@ def assert_params_close(a: dict, b: dict, rtol: float = 1e-6, atol: float = 1e-7
 # ---- registry, pairing, errors ------------------------------------------------------------------------------------
 def test_registry_names_and_unknown():
     assert set(OPTIMIZERS) == {"adamw", "loraplus", "scaled_adamw", "lora_pro", "altlora"}
+    assert sdslora.build_optimizer is build_optimizer
     model = lora_llama()
     with pytest.raises(ValueError, match="available optimizers.*altlora"):
         build_optimizer(model, "lion")
@@ -69,8 +70,12 @@ def test_registry_names_and_unknown():
 
 
 def test_pairs_are_explicit_and_others_plain():
-    model = sdslora.attach(tiny_bert_cls(), sdslora.AdapterConfig(method="lora", r=2, target_modules=["query", "value"],
-                                                                  modules_to_save=["classifier"]))
+    model = sdslora.attach(
+        tiny_bert_cls(),
+        sdslora.AdapterConfig(
+            method="lora", r=2, target_modules=["query", "value"], modules_to_save=["classifier"]
+        ),
+    )
     layers = model.adapter_layers()
     head = {id(p) for p in model.model.classifier.parameters()}
     for name in ("scaled_adamw", "lora_pro", "altlora"):
@@ -107,10 +112,13 @@ def test_loraplus_groups_match_peft():
     from peft.optimizers import create_loraplus_optimizer
 
     ours = sdslora.attach(tiny_llama(), sdslora.AdapterConfig(method="lora", r=4, target_modules=TARGETS))
-    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=4, use_rslora=True, target_modules=TARGETS))
+    peft_model = get_peft_model(
+        tiny_llama(), LoraConfig(r=4, lora_alpha=4, use_rslora=True, target_modules=TARGETS)
+    )
     lr, ratio, wd = 1e-3, 16.0, 0.01
-    popt = create_loraplus_optimizer(peft_model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio,
-                                     loraplus_weight_decay=wd)
+    popt = create_loraplus_optimizer(
+        peft_model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio, loraplus_weight_decay=wd
+    )
     oopt = build_optimizer(ours, "loraplus", lr=lr, weight_decay=wd, loraplus_lr_ratio=ratio)
     assert type(oopt) is type(popt) is torch.optim.AdamW
 
@@ -118,7 +126,9 @@ def test_loraplus_groups_match_peft():
         names = {id(p): rename(n) for n, p in model.named_parameters()}
         return {names[id(p)]: (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
 
-    peft_t = table(popt, peft_model, lambda n: n.removeprefix("base_model.model.").removesuffix(".default.weight"))
+    peft_t = table(
+        popt, peft_model, lambda n: n.removeprefix("base_model.model.").removesuffix(".default.weight")
+    )
     ours_t = table(oopt, ours.model, lambda n: n)
     assert len(ours_t) == 2 * 7 * 2  # 2 decoder layers x 7 targets x (A, B)
     assert ours_t == peft_t
@@ -132,8 +142,9 @@ def test_scaled_adamw_matches_peft_riemannian():
     from peft.optimizers import create_riemannian_optimizer
 
     ours = lora_llama(seed=3).double()
-    peft_model = get_peft_model(tiny_llama(3).double(), LoraConfig(r=4, lora_alpha=4, use_rslora=True,
-                                                                    target_modules=TARGETS))
+    peft_model = get_peft_model(
+        tiny_llama(3).double(), LoraConfig(r=4, lora_alpha=4, use_rslora=True, target_modules=TARGETS)
+    )
     peft_params = dict(peft_model.named_parameters())
     with torch.no_grad():
         for name, layer in ours.adapter_layers().items():
@@ -187,7 +198,9 @@ def _adam_ref(p, g, st, lr, betas, eps, wd, correct_bias=True):
 def single_layer_model(m=6, n=5, r=2, seed=0):
     torch.manual_seed(seed)
     base = nn.Sequential(nn.Linear(n, m))
-    model = sdslora.attach(base, sdslora.AdapterConfig(method="lora", r=r, alpha=3.0, target_modules=["0"])).double()
+    model = sdslora.attach(
+        base, sdslora.AdapterConfig(method="lora", r=r, alpha=3.0, target_modules=["0"])
+    ).double()
     layer = model.adapter_layers()["0"]
     with torch.no_grad():
         layer.lora_B.copy_(torch.randn(m, r, dtype=torch.float64))
@@ -198,20 +211,32 @@ def single_layer_model(m=6, n=5, r=2, seed=0):
 def test_scaled_adamw_hand_computation(correct_bias, sequential):
     model, layer = single_layer_model()
     hp = dict(lr=0.05, betas=(0.8, 0.9), eps=1e-8, wd=0.1)
-    opt = build_optimizer(model, "scaled_adamw", lr=hp["lr"], betas=hp["betas"], eps=hp["eps"], weight_decay=hp["wd"],
-                          correct_bias=correct_bias, sequential=sequential, delta=1e-6)
+    opt = build_optimizer(
+        model,
+        "scaled_adamw",
+        lr=hp["lr"],
+        betas=hp["betas"],
+        eps=hp["eps"],
+        weight_decay=hp["wd"],
+        correct_bias=correct_bias,
+        sequential=sequential,
+        delta=1e-6,
+    )
     A, B = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
     sa, sb = {}, {}
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
-        dA, dB = torch.randn(A.shape, generator=g, dtype=A.dtype), torch.randn(B.shape, generator=g, dtype=A.dtype)
+        dA, dB = (
+            torch.randn(A.shape, generator=g, dtype=A.dtype),
+            torch.randn(B.shape, generator=g, dtype=A.dtype),
+        )
         layer.lora_A.grad, layer.lora_B.grad = dA.clone(), dB.clone()
         opt.step()
-        I = torch.eye(2, dtype=A.dtype)
-        hA = torch.linalg.inv(B.T @ B + 1e-6 * I) @ dA
+        eye = torch.eye(2, dtype=A.dtype)
+        hA = torch.linalg.inv(B.T @ B + 1e-6 * eye) @ dA
         A_new = _adam_ref(A, hA, sa, hp["lr"], hp["betas"], hp["eps"], hp["wd"], correct_bias)
         A_pre = A_new if sequential else A
-        hB = dB @ torch.linalg.inv(A_pre @ A_pre.T + 1e-6 * I)
+        hB = dB @ torch.linalg.inv(A_pre @ A_pre.T + 1e-6 * eye)
         B = _adam_ref(B, hB, sb, hp["lr"], hp["betas"], hp["eps"], hp["wd"], correct_bias)
         A = A_new
         torch.testing.assert_close(layer.lora_A.detach(), A, rtol=1e-10, atol=1e-12)
@@ -289,29 +314,34 @@ def test_lora_pro_optimizer_uses_layer_scale():
 def test_altlora_hand_computation(transport):
     model, layer = single_layer_model(m=7, n=5, r=3, seed=4)
     lr, (b1, b2), eps, wd, d = 0.03, (0.9, 0.95), 1e-8, 0.05, 1e-6
-    opt = build_optimizer(model, "altlora", lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, transport=transport)
+    opt = build_optimizer(
+        model, "altlora", lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, transport=transport
+    )
     A, B = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
-    I = torch.eye(3, dtype=A.dtype)
+    eye = torch.eye(3, dtype=A.dtype)
     mA, vA, mB, vB = (torch.zeros_like(A), torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(B))
     B_prev = A_prev = None
     g = torch.Generator().manual_seed(5)
     for t in range(1, 4):
-        dA, dB = torch.randn(A.shape, generator=g, dtype=A.dtype), torch.randn(B.shape, generator=g, dtype=A.dtype)
+        dA, dB = (
+            torch.randn(A.shape, generator=g, dtype=A.dtype),
+            torch.randn(B.shape, generator=g, dtype=A.dtype),
+        )
         layer.lora_A.grad, layer.lora_B.grad = dA.clone(), dB.clone()
         opt.step()
         c1, c2 = 1 - b1**t, 1 - b2**t
         # A with B_t fixed
-        PB = torch.linalg.inv(B.T @ B + d * I)
+        PB = torch.linalg.inv(B.T @ B + d * eye)
         hA = PB @ dA
-        TA = PB @ B.T @ B_prev if (transport and B_prev is not None) else I
+        TA = PB @ B.T @ B_prev if (transport and B_prev is not None) else eye
         mA = b1 * TA @ mA + (1 - b1) * hA
         vA = b2 * vA + (1 - b2) * hA**2
         B_prev = B.clone()
         A = A * (1 - lr * wd) - lr / c1 * mA / ((vA / c2).sqrt() + eps)
         # B with the new A fixed, gradient of the same backward
-        PA = torch.linalg.inv(A @ A.T + d * I)
+        PA = torch.linalg.inv(A @ A.T + d * eye)
         hB = dB @ PA
-        TB = A_prev @ A.T @ PA if (transport and A_prev is not None) else I
+        TB = A_prev @ A.T @ PA if (transport and A_prev is not None) else eye
         mB = b1 * mB @ TB + (1 - b1) * hB
         vB = b2 * vB + (1 - b2) * hB**2
         A_prev = A.clone()
@@ -361,8 +391,12 @@ def test_controller_reset_reinitialises_lazily(name):
 
 @pytest.mark.parametrize("name", ["scaled_adamw", "lora_pro", "altlora"])
 def test_other_parameters_get_plain_adamw(name):
-    model = sdslora.attach(tiny_bert_cls(), sdslora.AdapterConfig(method="lora", r=2, target_modules=["query", "value"],
-                                                                  modules_to_save=["classifier"]))
+    model = sdslora.attach(
+        tiny_bert_cls(),
+        sdslora.AdapterConfig(
+            method="lora", r=2, target_modules=["query", "value"], modules_to_save=["classifier"]
+        ),
+    )
     head = list(model.model.classifier.parameters())
     ref_params = [p.detach().clone().requires_grad_(True) for p in head]
     ref = torch.optim.AdamW(ref_params, lr=1e-2, weight_decay=0.1)
@@ -410,19 +444,63 @@ def test_gradient_accumulation_equivalence(name):
     assert any(not torch.allclose(start[k], results[0][k]) for k in start)
 
 
-@pytest.mark.parametrize("name", ["lora_pro", "altlora"])
-def test_hf_trainer_with_our_optimizer(name, tmp_path):
-    from transformers import Trainer, TrainingArguments
+def _trainer_args(tmp_path, steps):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        lr_scheduler_type="constant",
+        disable_tqdm=True,
+    )
+
+
+def _trainer_data():
+    batch = batch_for("llama", seed=0, n=8)
+    return [{"input_ids": ids, "labels": ids.clone()} for ids in batch["input_ids"]]
+
+
+def test_hf_trainer_with_our_optimizer(tmp_path):
+    from transformers import Trainer
 
     model = sdslora.attach(tiny_llama(), sdslora.AdapterConfig(method="lora", r=4, target_modules=TARGETS))
-    batch = batch_for("llama", seed=0, n=8)
-    data = [{"input_ids": ids, "labels": ids.clone()} for ids in batch["input_ids"]]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=4, learning_rate=1e-2,
-                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, lr_scheduler_type="constant",
-                             disable_tqdm=True)
-    opt = build_optimizer(model, name, lr=1e-2)
-    trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None))
+    opt = sdslora.build_optimizer(model, "lora_pro", lr=1e-2)
+    trainer = Trainer(
+        model=model, args=_trainer_args(tmp_path, 12), train_dataset=_trainer_data(), optimizers=(opt, None)
+    )
     trainer.train()
+    assert (
+        trainer.optimizer.optimizer is opt
+        if hasattr(trainer.optimizer, "optimizer")
+        else trainer.optimizer is opt
+    )
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05
+
+
+def test_hf_trainer_optimizer_cls_and_kwargs(tmp_path):
+    """The optimizer classes take the model first, so the Trainer's ``{"model": model}`` convention builds them."""
+    from transformers import Trainer
+
+    model = sdslora.attach(tiny_llama(), sdslora.AdapterConfig(method="lora", r=4, target_modules=TARGETS))
+    start = adapter_params(model)
+    trainer = Trainer(
+        model=model,
+        args=_trainer_args(tmp_path, 2),
+        train_dataset=_trainer_data(),
+        optimizer_cls_and_kwargs=(AltLoRA, {"model": model, "lr": 1e-2, "transport": True}),
+    )
+    trainer.train()
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert isinstance(inner, AltLoRA) and inner.param_groups[0]["lr"] == 1e-2
+    layer = next(iter(model.adapter_layers().values()))
+    assert inner.state[layer.lora_A]["step"] == 2
+    after = adapter_params(model)
+    assert all(not torch.equal(start[k], after[k]) for k in start)

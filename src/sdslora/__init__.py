@@ -13,6 +13,7 @@ from .control import Controller  # noqa: E402
 from .io import export_peft, load_adapter, save_adapter  # noqa: E402
 from .methods import METHODS  # noqa: E402
 from .model import AdaptedModel, attach  # noqa: E402
+from .optim import build_optimizer  # noqa: E402
 
 __all__ = [
     "AdapterConfig",
@@ -20,6 +21,7 @@ __all__ = [
     "Controller",
     "METHODS",
     "attach",
+    "build_optimizer",
     "export_peft",
     "load_adapter",
     "save_adapter",

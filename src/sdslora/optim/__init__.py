@@ -75,19 +75,41 @@ class OptimizerSpec:
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "adamw": OptimizerSpec("adamw", adamw_optimizer, AdamWOptions, "plain AdamW over the trainable parameters",
-                           "Loshchilov & Hutter 2019, arXiv 1711.05101"),
-    "loraplus": OptimizerSpec("loraplus", loraplus_optimizer, LoRAPlusOptions, "LoRA+: lr_B = λ·lr_A (AdamW groups)",
-                              "Hayou, Ghosh, Yu 2024, arXiv 2402.12354"),
-    "scaled_adamw": OptimizerSpec("scaled_adamw", ScaledAdamW, ScaledAdamWOptions,
-                                  "Riemannian preconditioned AdamW: ĝ_A=(BᵀB+δI)⁻¹∇_A, ĝ_B=∇_B(AAᵀ+δI)⁻¹",
-                                  "Zhang & Pilanci 2024, arXiv 2402.02347"),
-    "lora_pro": OptimizerSpec("lora_pro", LoRAPro, LoRAProOptions,
-                              "LoRA-Pro (light): factor gradients with equivalent gradient G*, per-factor AdamW",
-                              "Wang, Liang, et al. 2024, arXiv 2407.18242"),
-    "altlora": OptimizerSpec("altlora", AltLoRA, AltLoRAOptions,
-                             "AltLoRA: alternating projected updates with momentum transport",
-                             "arXiv 2505.12455"),
+    "adamw": OptimizerSpec(
+        "adamw",
+        adamw_optimizer,
+        AdamWOptions,
+        "plain AdamW over the trainable parameters",
+        "Loshchilov & Hutter 2019, arXiv 1711.05101",
+    ),
+    "loraplus": OptimizerSpec(
+        "loraplus",
+        loraplus_optimizer,
+        LoRAPlusOptions,
+        "LoRA+: lr_B = λ·lr_A (AdamW groups)",
+        "Hayou, Ghosh, Yu 2024, arXiv 2402.12354",
+    ),
+    "scaled_adamw": OptimizerSpec(
+        "scaled_adamw",
+        ScaledAdamW,
+        ScaledAdamWOptions,
+        "Riemannian preconditioned AdamW: ĝ_A=(BᵀB+δI)⁻¹∇_A, ĝ_B=∇_B(AAᵀ+δI)⁻¹",
+        "Zhang & Pilanci 2024, arXiv 2402.02347",
+    ),
+    "lora_pro": OptimizerSpec(
+        "lora_pro",
+        LoRAPro,
+        LoRAProOptions,
+        "LoRA-Pro (light): factor gradients with equivalent gradient G*, per-factor AdamW",
+        "Wang, Liang, et al. 2024, arXiv 2407.18242",
+    ),
+    "altlora": OptimizerSpec(
+        "altlora",
+        AltLoRA,
+        AltLoRAOptions,
+        "AltLoRA: alternating projected updates with momentum transport",
+        "arXiv 2505.12455",
+    ),
 }
 
 

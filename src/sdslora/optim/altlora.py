@@ -76,11 +76,24 @@ class AltLoRA(PairedAdamW):
     ) -> None:
         opts = AltLoRAOptions(delta, transport)
         pairs, others = split_pairs(model, self.method)
-        super().__init__(pairs, others, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         delta=opts.delta, transport=opts.transport)
+        super().__init__(
+            pairs,
+            others,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            delta=opts.delta,
+            transport=opts.transport,
+        )
 
     def pair_step(
-        self, group: dict[str, Any], A: torch.Tensor, B: torch.Tensor, grad_A: torch.Tensor, grad_B: torch.Tensor
+        self,
+        group: dict[str, Any],
+        A: torch.Tensor,
+        B: torch.Tensor,
+        grad_A: torch.Tensor,
+        grad_B: torch.Tensor,
     ) -> None:
         delta, use_t = group["delta"], group["transport"]
         st_A, st_B = self.state[A], self.state[B]

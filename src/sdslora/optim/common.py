@@ -202,7 +202,12 @@ class PairedAdamW(torch.optim.Optimizer):
         super().__init__(groups, defaults)
 
     def pair_step(
-        self, group: dict[str, Any], A: torch.Tensor, B: torch.Tensor, grad_A: torch.Tensor, grad_B: torch.Tensor
+        self,
+        group: dict[str, Any],
+        A: torch.Tensor,
+        B: torch.Tensor,
+        grad_A: torch.Tensor,
+        grad_B: torch.Tensor,
     ) -> None:
         raise NotImplementedError
 

@@ -32,7 +32,12 @@ from .common import PairedAdamW, adamw_update, damped_pinv, solve_sylvester_sym,
 
 
 def lora_pro_gradients(
-    A: torch.Tensor, B: torch.Tensor, grad_A: torch.Tensor, grad_B: torch.Tensor, scale: float, delta: float = 1e-8
+    A: torch.Tensor,
+    B: torch.Tensor,
+    grad_A: torch.Tensor,
+    grad_B: torch.Tensor,
+    scale: float,
+    delta: float = 1e-8,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(g_A, g_B, X) of LoRA-Pro for one layer (see the module docstring); X = 0 at the B = 0 special case.
 
@@ -96,10 +101,17 @@ class LoRAPro(PairedAdamW):
     ) -> None:
         opts = LoRAProOptions(delta)
         pairs, others = split_pairs(model, self.method)
-        super().__init__(pairs, others, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, delta=opts.delta)
+        super().__init__(
+            pairs, others, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, delta=opts.delta
+        )
 
     def pair_step(
-        self, group: dict[str, Any], A: torch.Tensor, B: torch.Tensor, grad_A: torch.Tensor, grad_B: torch.Tensor
+        self,
+        group: dict[str, Any],
+        A: torch.Tensor,
+        B: torch.Tensor,
+        grad_A: torch.Tensor,
+        grad_B: torch.Tensor,
     ) -> None:
         g_A, g_B, _ = lora_pro_gradients(A, B, grad_A, grad_B, group["scale"], group["delta"])
         adamw_update(A, g_A, self.state[A], group)

@@ -35,7 +35,9 @@ class LoRAPlusOptions:
 
     def __post_init__(self) -> None:
         if not isinstance(self.loraplus_lr_ratio, (int, float)) or self.loraplus_lr_ratio <= 0:
-            raise ValueError(f"loraplus option loraplus_lr_ratio must be a number > 0, got {self.loraplus_lr_ratio!r}")
+            raise ValueError(
+                f"loraplus option loraplus_lr_ratio must be a number > 0, got {self.loraplus_lr_ratio!r}"
+            )
         if not isinstance(self.loraplus_lr_embedding, (int, float)) or self.loraplus_lr_embedding < 0:
             raise ValueError(
                 f"loraplus option loraplus_lr_embedding must be a number >= 0, got {self.loraplus_lr_embedding!r}"

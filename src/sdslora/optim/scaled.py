@@ -96,11 +96,25 @@ class ScaledAdamW(PairedAdamW):
     ) -> None:
         opts = ScaledAdamWOptions(delta, correct_bias, sequential)
         pairs, others = split_pairs(model, self.method)
-        super().__init__(pairs, others, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         delta=opts.delta, correct_bias=opts.correct_bias, sequential=opts.sequential)
+        super().__init__(
+            pairs,
+            others,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            delta=opts.delta,
+            correct_bias=opts.correct_bias,
+            sequential=opts.sequential,
+        )
 
     def pair_step(
-        self, group: dict[str, Any], A: torch.Tensor, B: torch.Tensor, grad_A: torch.Tensor, grad_B: torch.Tensor
+        self,
+        group: dict[str, Any],
+        A: torch.Tensor,
+        B: torch.Tensor,
+        grad_A: torch.Tensor,
+        grad_B: torch.Tensor,
     ) -> None:
         delta, cb = group["delta"], group["correct_bias"]
         gA = precondition_A(B, grad_A, delta)
