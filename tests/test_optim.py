@@ -38,7 +38,7 @@ def train_steps(model, opt, n: int, kind: str = "llama", seed: int = 0) -> list[
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 
