@@ -27,6 +27,15 @@ SCRIPTS = Path(__file__).parent / "dist_scripts"
 T = 20
 
 
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    """Tiny matmuls: one thread is faster than two contending ones on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
