@@ -20,6 +20,7 @@ from sdslora.diagnostics import (
     stable_rank,
     tangent_projection,
     truncation_alignment,
+    truncation_alignment_of,
 )
 
 D = torch.float64
@@ -106,6 +107,13 @@ def test_truncation_alignment_eckart_young() -> None:
         gk = u[:, :k] @ torch.diag(s[:k]) @ vh[:k]
         assert truncation_alignment(s, k) == pytest.approx(cosine(G, gk), rel=1e-12)
         assert truncation_alignment(s, k) == pytest.approx(float(gk.norm() / G.norm()), rel=1e-12)
+        assert truncation_alignment_of(G, k) == pytest.approx(cosine(G, gk), rel=1e-12)  # Gram route, exact
+        assert truncation_alignment_of(G.T, k) == pytest.approx(cosine(G, gk), rel=1e-12)
+    # randomized route (large layers): a close under-estimate for a matrix with a decaying spectrum
+    Gd = _with_sv(60, 40, [0.7**i for i in range(40)], seed=4)
+    exact = truncation_alignment(torch.linalg.svdvals(Gd), 3)
+    approx = truncation_alignment_of(Gd, 3, exact_max=0)
+    assert approx == pytest.approx(exact, rel=1e-6) and approx <= exact + 1e-12
 
 
 def _layer(method: str, seed: int = 0) -> sdslora.methods.AdapterLayer:

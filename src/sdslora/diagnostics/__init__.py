@@ -24,6 +24,7 @@ from .metrics import (
     stable_rank,
     tangent_projection,
     truncation_alignment,
+    truncation_alignment_of,
 )
 from .probe import SUMMARY_KEYS, Diagnostics, DiagnosticsRecorder, diagnose, read_history, verdict
 
@@ -46,6 +47,7 @@ __all__ = [
     "stable_rank",
     "tangent_projection",
     "truncation_alignment",
+    "truncation_alignment_of",
     "verdict",
 ]
 

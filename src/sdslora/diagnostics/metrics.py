@@ -103,10 +103,16 @@ def cosine(x: torch.Tensor, y: torch.Tensor) -> float:
 
 @torch.no_grad()
 def orthonormal_basis(m: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
-    """Orthonormal basis of the column space of ``m`` (rank-revealing SVD: singular values ≤ rtol·σ_max are
-    dropped; a zero matrix gives a basis with 0 columns)."""
+    """Orthonormal basis of the column space of ``m`` (m×k, k small): QR, then the SVD of the k×k factor R
+    (rank-revealing: directions with singular value ≤ rtol·σ_max are dropped; a zero matrix gives 0 columns)."""
     with torch.autocast(device_type=m.device.type, enabled=False):
-        u, s, _ = torch.linalg.svd(_f(m), full_matrices=False)
+        x = _f(m)
+        if x.shape[1] > x.shape[0]:
+            u, s, _ = torch.linalg.svd(x, full_matrices=False)
+        else:
+            q, r = torch.linalg.qr(x, mode="reduced")
+            ur, s, _ = torch.linalg.svd(r)
+            u = q @ ur
     if not s.numel() or float(s[0]) <= 0.0:
         return u[:, :0]
     keep = int((s > rtol * s[0]).sum())
@@ -133,6 +139,30 @@ def truncation_alignment(s: torch.Tensor, k: int) -> float:
     if total <= 0.0:
         return float("nan")
     return math.sqrt(float(torch.sort(s2, descending=True).values[:k].sum()) / total)
+
+
+@torch.no_grad()
+def truncation_alignment_of(g: torch.Tensor, k: int, exact_max: int = 2048) -> float:
+    """cos(G, G_k) = sqrt(Σ_{i≤k} σ_i² / ‖G‖_F²) computed from G directly, cheaper than a full SVD: when
+    min(m, n) ≤ ``exact_max`` (default 2048), exactly from the eigenvalues of the smaller Gram matrix (G Gᵀ or GᵀG,
+    float64); beyond that from a randomized rank-(k+10) SVD (``torch.svd_lowrank``, 4 power iterations), which
+    gives a slight under-estimate. ``nan`` for G = 0."""
+    m, n = g.shape
+    small = min(m, n)
+    total = float(_f(g).double().pow(2).sum())
+    if total <= 0.0 or not math.isfinite(total):
+        return float("nan")
+    if k >= small:
+        return 1.0
+    with torch.autocast(device_type=g.device.type, enabled=False):
+        if small <= exact_max:
+            gd = g.double()
+            gram = gd @ gd.T if m <= n else gd.T @ gd
+            top = float(torch.linalg.eigvalsh(gram)[-k:].clamp_min(0).sum())
+        else:
+            _, s, _ = torch.svd_lowrank(_f(g), q=min(k + 10, small), niter=4)
+            top = float(s[:k].double().pow(2).sum())
+    return math.sqrt(min(top / total, 1.0))
 
 
 @torch.no_grad()

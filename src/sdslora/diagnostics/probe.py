@@ -60,7 +60,7 @@ from .metrics import (
     stable_rank_from_sv,
     tangent_projection,
     trainable_tensors,
-    truncation_alignment,
+    truncation_alignment_of,
 )
 
 SUMMARY_KEYS = (
@@ -164,17 +164,6 @@ def _factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     return a.detach(), b.detach()
 
 
-def _g_singular_values(cap: Any, g: torch.Tensor, m: int, n: int) -> torch.Tensor:
-    """Singular values of G, from the factors δᵀ, Xᵀ when there are fewer tokens than min(m, n)."""
-    pairs = [(x, d) for x, d in zip(cap.xs, cap.deltas) if d is not None]
-    tokens = sum(x.numel() // n for x, _ in pairs)
-    if pairs and tokens < min(m, n):
-        left = torch.cat([d.reshape(-1, m).to(g.dtype) for _, d in pairs]).T  # m × N
-        right = torch.cat([x.reshape(-1, n).to(g.dtype) for x, _ in pairs]).T  # n × N
-        return product_singular_values(left, right)
-    return singular_values(g)
-
-
 def _lowrank_sv(layer: nn.Module) -> torch.Tensor | None:
     export = getattr(layer, "export_lora", None)
     if export is None:
@@ -191,7 +180,7 @@ def _lowrank_sv(layer: nn.Module) -> torch.Tensor | None:
 
 
 def _layer_row(
-    name: str, module: nn.Module, g: torch.Tensor, cap: Any, grads: dict[str, torch.Tensor | None],
+    name: str, module: nn.Module, g: torch.Tensor, grads: dict[str, torch.Tensor | None],
     optimizer: torch.optim.Optimizer | None, rank: int, opt_ok: list[bool],
 ) -> dict[str, Any]:
     """All metrics of one layer given its G (the only m×n gradient alive)."""
@@ -246,7 +235,7 @@ def _layer_row(
         row["cos_geff_gstar"] = 1.0 if not is_adapter else float("nan")  # full FT: no subspace constraint
         row["cos_g_gstar"] = 1.0 if not is_adapter else float("nan")
     del geff
-    row["cos_g_gr"] = truncation_alignment(_g_singular_values(cap, g, n_out, n_in), k)
+    row["cos_g_gr"] = truncation_alignment_of(g, k)
     # factor metrics
     fac = _factors(module) if is_adapter else None
     for key in ("erank_grad_A", "erank_grad_B", "erank_scalefree_A", "erank_scalefree_B", "stable_rank_A",
@@ -363,7 +352,7 @@ def diagnose(
         dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
         with torch.no_grad():
             g = _form_g(caps[name], n_out, n_in, dtype)
-            rows.append(_layer_row(name, module, g, caps[name], grads_by_layer[name], opt, rank, opt_ok))
+            rows.append(_layer_row(name, module, g, grads_by_layer[name], opt, rank, opt_ok))
         del g
         caps[name] = None  # type: ignore[assignment]  # free this layer's activations
     if opt is not None and not opt_ok[0]:
