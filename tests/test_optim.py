@@ -100,6 +100,9 @@ def test_rejects_models_without_lora_pairs(name):
     sds = sdslora.attach(tiny_llama(), sdslora.AdapterConfig(method="sds", r=2))
     with pytest.raises(ValueError, match=f"optimizer '{name}' needs LoRA-style.*'sds'.*SDSLayer"):
         build_optimizer(sds, name)
+    xs = sdslora.attach(tiny_llama(), sdslora.AdapterConfig(method="lora_xs", r=2))
+    with pytest.raises(ValueError, match=f"optimizer '{name}' needs LoRA-style.*'lora_xs'"):
+        build_optimizer(xs, name)
     with pytest.raises(TypeError, match="sdslora.attach"):
         build_optimizer(tiny_llama(), name)
     # plain AdamW works for every method
@@ -133,6 +136,19 @@ def test_loraplus_groups_match_peft():
     assert len(ours_t) == 2 * 7 * 2  # 2 decoder layers x 7 targets x (A, B)
     assert ours_t == peft_t
     assert {v for k, v in ours_t.items() if k.endswith("lora_B")} == {(lr * ratio, wd)}
+
+
+def test_loraplus_accepts_dora_the_others_reject_it():
+    model = sdslora.attach(tiny_llama(), sdslora.AdapterConfig(method="dora", r=2, target_modules=["q_proj"]))
+    opt = build_optimizer(model, "loraplus", lr=1e-3, loraplus_lr_ratio=8.0)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for layer in model.adapter_layers().values():
+        assert lr_of[id(layer.lora_A)] == 1e-3 and lr_of[id(layer.lora_B)] == 8e-3
+        assert lr_of[id(layer.lora_magnitude_vector)] == 1e-3
+    assert len(lr_of) == len(model.trainable_parameters())
+    for name in ("scaled_adamw", "lora_pro", "altlora"):
+        with pytest.raises(ValueError, match="'dora'.*DoRALayer"):
+            build_optimizer(model, name)
 
 
 # ---- ScaledAdamW ----------------------------------------------------------------------------------------------------

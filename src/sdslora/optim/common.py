@@ -42,8 +42,13 @@ def adapted_model_of(model: nn.Module) -> Any:
     return find_adapted_model(model)
 
 
-def split_pairs(model: nn.Module, method: str) -> tuple[list[LayerPair], list[nn.Parameter]]:
+def split_pairs(
+    model: nn.Module, method: str, layer_types: tuple[type, ...] = (LoRALayer,)
+) -> tuple[list[LayerPair], list[nn.Parameter]]:
     """(LoRA factor pairs, all other trainable parameters) of an adapted model, in a deterministic order.
+
+    ``layer_types``: the adapter-layer classes accepted (default: LoRA and its subclasses, ΔW = s·B·A); any other
+    trainable tensor of an accepted layer (e.g. DoRA's magnitude) goes with the other parameters.
 
     Raises ``TypeError`` if ``model`` is not an adapted model and ``ValueError`` (naming ``method``) if its layers are
     not LoRA-style layers with trainable ``lora_A`` [r, in] and ``lora_B`` [out, r] and ΔW = s·B·A: full fine-tuning,
@@ -64,7 +69,7 @@ def split_pairs(model: nn.Module, method: str) -> tuple[list[LayerPair], list[nn
         layer, params = g["layer"], g["params"]
         A, B = params.get("lora_A"), params.get("lora_B")
         ok = (
-            isinstance(layer, LoRALayer)
+            isinstance(layer, layer_types)
             and A is not None
             and B is not None
             and A.requires_grad

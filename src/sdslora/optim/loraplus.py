@@ -8,6 +8,8 @@ loraplus_weight_decay=wd)`` on LoRA layers: every lora_A at lr, every lora_B at 
 embedding layers at ``loraplus_lr_embedding`` (PEFT's default 1e-6), all with weight decay ``weight_decay`` (PEFT's
 ``loraplus_weight_decay``). [design] Parameters outside adapter layers (``modules_to_save``, e.g. a classifier head)
 get lr and ``weight_decay`` (plain AdamW); PEFT would put their 1-D tensors (biases, norms) into the λ·lr group.
+DoRA layers are accepted too (their lora_A / lora_B as above; the magnitude vector gets lr, where PEFT's 1-D rule
+gives it λ·lr). SDS-LoRA is rejected: after its warm-up A and B play symmetric roles.
 The pairing is explicit (``AdaptedModel.layer_parameter_groups()``), not by name or shape.
 """
 
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..methods.dora import DoRALayer
+from ..methods.lora import LoRALayer
 from .common import _check_hparams, split_pairs
 
 
@@ -56,12 +60,12 @@ def loraplus_optimizer(
     """A ``torch.optim.AdamW`` with the LoRA+ parameter groups (see the module docstring).
 
     Groups (empty ones omitted), each tagged with ``"role"``: ``"A"`` (lr), ``"B"`` (λ·lr), ``"embedding"``
-    (``loraplus_lr_embedding``), ``"other"`` (lr). Raises ``ValueError`` for a model without LoRA-style layers
+    (``loraplus_lr_embedding``), ``"other"`` (lr). Raises ``ValueError`` for a model without LoRA or DoRA layers
     (full fine-tuning, LoRA-XS, SDS-LoRA) or bad hyper-parameters.
     """
     opts = LoRAPlusOptions(loraplus_lr_ratio, loraplus_lr_embedding)
     _check_hparams(lr, betas, eps, weight_decay)
-    pairs, others = split_pairs(model, "loraplus")
+    pairs, others = split_pairs(model, "loraplus", (LoRALayer, DoRALayer))
     embedding = [p for pr in pairs if isinstance(pr.layer.base_layer, nn.Embedding) for p in (pr.A, pr.B)]
     linear = [pr for pr in pairs if not isinstance(pr.layer.base_layer, nn.Embedding)]
     groups = [
