@@ -237,3 +237,12 @@ def test_hf_trainer_under_torchrun_with_accumulation(ddp_fsdp: dict[str, Any]) -
     assert run["event_steps"] == [10, 12, 14, 16, 18, 20]
     _check_run(run, run["ref_losses"])
     assert run["final_vs_ref"] < 1e-4
+
+
+def test_accelerate_loop_with_accumulate(ddp_fsdp: dict[str, Any]) -> None:
+    """accelerator.prepare() (DDP) + accumulate(): step() after every micro-batch still counts optimizer steps."""
+    run = ddp_fsdp["accelerate"]
+    assert run["wrapped"] == "DistributedDataParallel"
+    assert run["calls"] == 2 * T and run["controller_t"] == T
+    assert run["event_steps"] == [10, 12, 14, 16, 18, 20]
+    _check_run(run, ddp_fsdp["ref_losses"])

@@ -72,6 +72,49 @@ def run_ddp(ref: dict[str, Any], sync: Any, perturb: bool = False) -> dict[str, 
     }
 
 
+def run_accelerate(ref: dict[str, Any]) -> dict[str, Any]:
+    """A plain Accelerate loop (DDP) with accumulate(): the global batch as 2 ranks x 2 micro-batches of 1; the
+    Controller's step() is called after every micro-batch, as a user of accumulate() writes it."""
+    from accelerate import Accelerator
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = fresh_model()
+    model.train()
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=LR)
+    wrapped, opt = acc.prepare(model, opt)
+    ctl = sdslora.Controller(wrapped, opt, total_steps=T)
+    losses, identical, vs_ref, calls = [], {}, {}, 0
+    for step in range(1, T + 1):
+        batch = local_batch(step, rank, world)
+        step_loss = torch.zeros(())
+        for i in range(2):
+            with acc.accumulate(wrapped):
+                out = wrapped(**{k: v[i : i + 1] for k, v in batch.items()})
+                acc.backward(out.loss)
+                opt.step()
+                opt.zero_grad()
+                done = ctl.step()
+                calls += 1
+            step_loss += out.loss.detach() / 2
+        dist.all_reduce(step_loss)
+        losses.append(float(step_loss) / world)
+        if done.events:
+            snap = adapter_snapshot(model)
+            identical[step] = identical_on_all_ranks(snap)
+            vs_ref[step] = max_diff(snap, ref["snaps"][step])
+    return {
+        "wrapped": type(wrapped).__name__,
+        "losses": losses,
+        "identical": identical,
+        "vs_ref": vs_ref,
+        "controller_t": ctl.t,
+        "calls": calls,
+        "event_steps": [e["step"] for e in ctl.events],
+        "events": [e["event"] for e in ctl.events],
+    }
+
+
 def run_fsdp(ref: dict[str, Any]) -> dict[str, Any]:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
@@ -180,6 +223,7 @@ def main() -> None:
         "ddp_perturbed_sync": run_ddp(ref, sync="auto", perturb=True),
         "ddp_perturbed_nosync": run_ddp(ref, sync=False, perturb=True),
         "fsdp": run_fsdp(ref),
+        "accelerate": run_accelerate(ref),
         "trainer": run_trainer(ref),  # in the same launch: process start-up dominates the test's time
     }
     write_result(result)
