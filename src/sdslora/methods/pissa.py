@@ -101,14 +101,14 @@ class PiSSALayer(LoRALayer):
         return w.T if self.fan_in_fan_out else w
 
     @torch.no_grad()
-    def _rebase(self) -> None:
-        """W ← W − s·B0·A0, computed in float32 (float64 stays float64) from the stored factors, cast back."""
+    def _rebase(self, sign: float = -1.0) -> None:
+        """W ← W + sign·s·B0·A0, computed in float32 (float64 stays float64) from the stored factors, cast back."""
         w = self.base_weight
         ct = torch.float64 if w.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=w.device.type, enabled=False):
             low = (self.scale * self.lora_B0.to(ct)) @ self.lora_A0.to(ct)
-            w.copy_((w.to(ct) - self._to_base_layout(low)).to(w.dtype))
-        self._rebased = True
+            w.copy_((w.to(ct) + sign * self._to_base_layout(low)).to(w.dtype))
+        self._rebased = sign < 0
 
     def post_load(self) -> None:
         if self._rebased:
@@ -117,6 +117,14 @@ class PiSSALayer(LoRALayer):
                 "already re-based: load adapters with sdslora.load_adapter onto a fresh original model"
             )
         self._rebase()
+
+    def restore_base(self) -> None:
+        """Undo the re-basing, W_res → W0 = W_res + s·B0·A0 (up to rounding), e.g. before unloading the adapter
+        without merging (``AdaptedModel.unload()`` alone leaves W_res in the model). Raises RuntimeError if the
+        weight is not re-based or the layer is merged."""
+        if not self._rebased or self.merged:
+            raise RuntimeError("restore_base() needs an unmerged PiSSA layer whose base weight is re-based")
+        self._rebase(+1.0)
 
     def delta_weight(self) -> torch.Tensor:
         # relative to the original W0: s·B·A − s·B0·A0 (the frozen half carries no gradient)
