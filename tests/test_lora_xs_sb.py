@@ -78,8 +78,8 @@ def test_only_r_trains_and_its_gradient_is_s_Bt_G_At(method):
     assert layer.lora_A.grad is None and layer.lora_B.grad is None and not layer.lora_A.requires_grad
 
 
-@pytest.mark.parametrize("alpha", [4.0, 2.0])  # alpha = r: s = 1 (recommended); s = 0.5 keeps the same ΔW
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+# alpha = r: s = 1 (recommended); s = 0.5 keeps the same ΔW; GPT-2: Conv1D layout
+@pytest.mark.parametrize("alpha,kind", [(4.0, "llama"), (2.0, "gpt2")])
 def test_lora_sb_init_is_rank_r_truncation_of_first_step_float64(alpha, kind):
     original = (tiny_llama() if kind == "llama" else tiny_gpt2()).double()
     batches = _batches(kind)
@@ -135,8 +135,9 @@ def test_trainable_parameter_counts_r_squared_vs_lora():
     )
 
 
-@pytest.mark.parametrize("method", ["lora_xs", "lora_sb"])
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize(
+    "method,kind", [("lora_xs", "gpt2"), ("lora_sb", "llama")]
+)  # all pairs: test_checklist
 def test_export_peft_save_load_merge(tmp_path, method, kind):
     from peft import PeftModel
 
@@ -190,3 +191,31 @@ def test_lora_sb_without_data_and_bad_options():
         AdapterConfig(method="lora_sb", options={"lr_first_step": 0})
     with pytest.raises(ValueError, match="svd"):
         AdapterConfig(method="lora_xs", options={"svd": "qr"})
+
+
+@pytest.mark.parametrize("method", ["lora_xs", "lora_sb"])
+def test_lowrank_svd_option_exact_on_rank_r_matrices(method):
+    """svd="lowrank" (the authors' torch.svd_lowrank(q=r)) recovers a matrix of rank exactly r."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 16, bias=False)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.randn(16, 3, dtype=torch.float64) @ torch.randn(3, 20, dtype=torch.float64))
+    x = torch.randn(4, 20, dtype=torch.float64)
+    cfg = AdapterConfig(
+        method=method,
+        r=3,
+        alpha=3,
+        scaling="standard",
+        adapter_dtype="base",
+        target_modules=["0"],
+        options={"svd": "lowrank", "svd_niter": 2},
+    )
+    # LoRA-SB: a loss whose gradient sign pattern has rank 1 (G = c xᵀ with one input row, sign(G) = sign(c) sign(x)ᵀ)
+    c = torch.randn(16, dtype=torch.float64)
+    adapted = attach(copy.deepcopy(net), cfg, init_data=[x[:1]], init_loss=lambda m, xb: (m(xb) @ c).sum())
+    layer = adapted.adapter_layers()["0"]
+    if method == "lora_xs":
+        torch.testing.assert_close(layer.lora_B @ layer.lora_A, net[0].weight, rtol=1e-10, atol=1e-10)
+    else:
+        target = -1e-4 * torch.outer(torch.sign(c), torch.sign(x[0]))
+        torch.testing.assert_close(layer.delta_weight(), target, rtol=1e-10, atol=1e-12)

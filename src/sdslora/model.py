@@ -141,22 +141,26 @@ def attach(
                 f"{min(n_in, n_out)}); lower r or exclude this layer"
             )
     options = spec.parse_options(config.options)
-    grads: dict[str, torch.Tensor] | None = None
-    if spec.layer_cls.needs_init_data and not _from_saved:  # a saved adapter brings its tensors: no data needed
-        if init_data is None:
-            raise ValueError(
-                f"{spec.description.split(',')[0]} (method {config.method!r}) needs init_data: a few batches of "
-                "training data for its gradient-based initialisation (attach(model, config, init_data=[batch, ...]))"
-            )
+    data_init = spec.layer_cls.needs_init_data and not _from_saved  # a saved adapter brings its tensors: no data
+    if data_init and init_data is None:
+        raise ValueError(
+            f"{spec.description.split(',')[0]} (method {config.method!r}) needs init_data: a few batches of "
+            "training data for its gradient-based initialisation (attach(model, config, init_data=[batch, ...]))"
+        )
+    new = {  # built (and checked) before the gradient pass, swapped in after it
+        name: spec.layer_cls(model.get_submodule(name), config.r, config.scale, config.dropout,
+                             config.adapter_dtype, options)
+        for name in targets
+    }
+    grads: dict[str, torch.Tensor] = {}
+    if data_init:
         from .init import estimate_gradients
 
-        grads = estimate_gradients(model, targets, init_data, init_loss)
+        grads = estimate_gradients(model, targets, init_data, init_loss)  # on the plain model
     for p in model.parameters():
         p.requires_grad_(False)
-    for name in targets:
-        base = model.get_submodule(name)
-        layer = spec.layer_cls(base, config.r, config.scale, config.dropout, config.adapter_dtype, options)
-        if grads is not None:
+    for name, layer in new.items():
+        if data_init:
             layer.init_from_gradient(grads.pop(name))
         _set_module(model, name, layer)
         layers[name] = layer
