@@ -13,9 +13,9 @@ from typing import Any
 from .base import AdapterLayer, StepOutcome
 from .dora import DoRALayer, DoRAOptions
 from .lora import LoRALayer, LoRAOptions
+from .lora_ga import LoRAGALayer, LoRAGAOptions
 from .pissa import PiSSALayer, PiSSAOptions
 from .sds import OrthogonalLayer, SDSLayer, SDSOptions
-from .lora_ga import LoRAGALayer, LoRAGAOptions
 from .xs import SBLayer, SBOptions, XSLayer, XSOptions
 
 
