@@ -13,6 +13,9 @@ from . import __version__
 # dependencies) are reported when the user asks for them, not at start-up.
 COMMANDS: dict[str, str] = {
     "methods": "sdslora.cli_methods",
+    "train": "sdslora.cli_train",
+    "eval": "sdslora.cli_eval",
+    "compare": "sdslora.cli_compare",
     "diagnose": "sdslora.cli_diagnose",
 }
 

@@ -1,0 +1,499 @@
+"""One training run on Hugging Face ``Trainer`` with :class:`~sdslora.integrations.hf.SDSLoRACallback`.
+
+    cfg = RunConfig(model="minilm-l6", task="mrpc", method="sds", steps=100)
+    result = run_train(cfg, "runs/sds-seed0")
+
+The run folder receives ``run.json`` (the resolved config, written first), ``versions.json``, ``metrics.jsonl`` (one
+record per optimizer step: loss, learning rate, grad norm, step time, SDS-LoRA events, diagnostics), optionally
+``diagnostics.jsonl``, ``adapter/`` (native :func:`~sdslora.io.save_adapter`) and ``peft/``
+(:func:`~sdslora.io.export_peft`) — for ``method="full"`` a ``NO_ADAPTER.md`` note instead —, ``eval.json``,
+``results.json`` and last ``done.json`` (the marker that the run finished, carrying its config). The Trainer's own
+checkpoints are off (``save_strategy="no"``: for a model that is not a ``PreTrainedModel`` they would hold the whole
+state dict); the adapter is saved once at the end.
+
+A folder that holds a finished run with the same config is skipped; one that holds anything else raises
+:class:`RunDirError` and nothing in it is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import AdapterConfig
+from ..methods import get_method
+from ..tasks import Task, file_task, get_task
+
+DEFAULT_LR = {"lora": 1e-3, "sds": 5e-4, "orthogonal": 5e-4, "full": 5e-5}
+"""Per-method default learning rates (used when ``lr`` is not given). SDS-LoRA's best rate is 2x smaller than LoRA's
+on real models (SPEC §7); full fine-tuning uses the usual BERT-style rate. Other methods default to 5e-4."""
+FALLBACK_LR = 5e-4
+PRECISIONS = ("fp32", "bf16", "fp16")
+RUN_FILES = ("run.json", "versions.json", "metrics.jsonl", "diagnostics.jsonl", "eval.json", "results.json",
+             "done.json", "NO_ADAPTER.md", "adapter", "peft", "trainer")
+
+
+class RunDirError(ValueError):
+    """The output folder holds something other than this run."""
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines one run (also the schema of ``--config run.yaml``).
+
+    Args:
+        model: ``"minilm-l6"``, ``"smollm2-135m"`` or a local Hugging Face model folder.
+        task: a registered task name (``sdslora.tasks.TASKS``), or None with ``train_file``/``eval_file`` and
+            ``format`` (``sdslora.tasks.FILE_FORMATS``).
+        data_dir: the local data folder (default: ``$SDSLORA_DATA_DIR`` or ``../shared/data`` beside the repo).
+        method, options, r, alpha, scaling, targets, exclude, modules_to_save, dropout: the adapter
+            (:class:`~sdslora.config.AdapterConfig`); ``modules_to_save=None`` trains the classification head
+            (``classifier`` / ``score``) of classification models, nothing extra for generation.
+        optimizer: ``"adamw"`` (torch AdamW via the Trainer) or a name known to ``sdslora.optim.build_optimizer``
+            (``"loraplus"``, ``"scaled_adamw"``, ``"lora_pro"``, ``"altlora"``), with ``optimizer_options``.
+        lr: learning rate (None: ``DEFAULT_LR[method]``). steps / epochs: run length (steps wins if both are set).
+        batch_size, grad_accum, seed, precision (``fp32`` / ``bf16`` / ``fp16``), scheduler, warmup_ratio,
+        weight_decay, max_length: as in ``TrainingArguments`` / the tokenizer.
+        diagnostics_every: N > 0 logs ``sdslora.diagnostics`` every N steps (skipped with a warning if absent).
+        train_limit / eval_limit: use only the first rows of the (shuffled with ``seed`` = 0 for train) splits.
+        eval_mode: ``"generate"`` (greedy + answer extraction) or ``"loglik"`` (option scoring), generation tasks.
+    """
+
+    model: str = "minilm-l6"
+    task: str | None = "mrpc"
+    train_file: str | None = None
+    eval_file: str | None = None
+    format: str | None = None
+    data_dir: str | None = None
+    method: str = "sds"
+    options: dict[str, Any] = field(default_factory=dict)
+    r: int = 8
+    alpha: float = 4.0
+    scaling: str = "rslora"
+    targets: str | list[str] = "all-linear"
+    exclude: list[str] | None = None
+    modules_to_save: list[str] | None = None
+    dropout: float = 0.0
+    optimizer: str = "adamw"
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
+    lr: float | None = None
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 16
+    grad_accum: int = 1
+    seed: int = 0
+    precision: str = "fp32"
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_length: int = 128
+    diagnostics_every: int = 0
+    train_limit: int | None = None
+    eval_limit: int | None = None
+    eval_mode: str = "generate"
+    max_new_tokens: int = 256
+    eval_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        get_method(self.method)  # unknown method -> ValueError listing the methods
+        if self.task is None and self.format is None:
+            raise ValueError("give a task (--task NAME) or data files with their format (--train-file/--eval-file "
+                             "--format FMT)")
+        if self.task is not None:
+            get_task(self.task)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs!r}")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not isinstance(self.diagnostics_every, int) or self.diagnostics_every < 0:
+            raise ValueError(f"diagnostics_every must be an int >= 0, got {self.diagnostics_every!r}")
+        if self.eval_mode not in ("generate", "loglik"):
+            raise ValueError(f"eval_mode must be 'generate' or 'loglik', got {self.eval_mode!r}")
+        self.adapter_config()  # validates r, alpha, scaling, options, targets
+
+    # ---- derived -----------------------------------------------------------------------------------------------
+    @property
+    def learning_rate(self) -> float:
+        return float(self.lr) if self.lr is not None else DEFAULT_LR.get(self.method, FALLBACK_LR)
+
+    def adapter_config(self, modules_to_save: list[str] | None = None) -> AdapterConfig:
+        return AdapterConfig(method=self.method, r=self.r, alpha=self.alpha, scaling=self.scaling,
+                             target_modules=self.targets, exclude_modules=self.exclude,
+                             modules_to_save=modules_to_save if modules_to_save is not None else self.modules_to_save,
+                             dropout=self.dropout, options=dict(self.options))
+
+    def get_task(self) -> Task:
+        if self.task is not None:
+            return get_task(self.task)
+        return file_task(self.format or "", self.train_file, self.eval_file)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        if not isinstance(data, dict):
+            raise ValueError("a run config must be a mapping of field: value")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown run config field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Fields of a YAML (or JSON) run config file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config file {p} does not exist")
+    text = p.read_text()
+    try:
+        import yaml
+
+        data = yaml.safe_load(text)
+    except ImportError:
+        data = json.loads(text)
+    except Exception as e:  # yaml.YAMLError
+        raise ValueError(f"config file {p} is not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {p} must hold a mapping of field: value")
+    return data
+
+
+# ---- run folder ------------------------------------------------------------------------------------------------
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def run_state(out: Path, config: dict[str, Any]) -> str:
+    """``"new"`` (absent or empty folder), ``"done"`` (finished run with this config) or ``"partial"`` (an
+    unfinished run with this config). Raises RunDirError for a folder holding anything else."""
+    if not out.exists():
+        return "new"
+    if not out.is_dir():
+        raise RunDirError(f"output path {out} exists and is not a folder; choose another --output")
+    entries = [e.name for e in out.iterdir()]
+    if not entries:
+        return "new"
+    for marker in ("done.json", "run.json"):
+        f = out / marker
+        if f.is_file():
+            try:
+                saved = json.loads(f.read_text()).get("config")
+            except (json.JSONDecodeError, AttributeError):
+                saved = None
+            if saved != _json_safe(config):
+                diff = sorted(k for k in set(config) | set(saved or {}) if (saved or {}).get(k) != config.get(k))
+                raise RunDirError(
+                    f"output folder {out} holds a different run (fields that differ: {diff[:8]}); choose another "
+                    "--output or delete that folder yourself"
+                )
+            return "done" if marker == "done.json" else "partial"
+    raise RunDirError(f"output folder {out} is not empty and holds no sdslora run ({sorted(entries)[:5]}); choose "
+                      "an empty or new folder")
+
+
+def versions() -> dict[str, Any]:
+    import transformers
+
+    from .. import __version__
+
+    info: dict[str, Any] = {
+        "sdslora": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+        "transformers": transformers.__version__, "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import peft
+
+        info["peft"] = peft.__version__
+    except ImportError:
+        pass
+    return info
+
+
+# ---- callbacks -------------------------------------------------------------------------------------------------
+def _metrics_callback(path: Path) -> Any:
+    from transformers import TrainerCallback
+
+    class MetricsLogger(TrainerCallback):
+        """Appends one JSON record per logged step to ``metrics.jsonl`` (loss, lr, grad norm, step time, ...)."""
+
+        def __init__(self) -> None:
+            self.t0 = 0.0
+            self.step_time: float | None = None
+            self.records: list[dict[str, Any]] = []
+            path.write_text("")
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if not self.t0:
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            now = time.perf_counter()
+            self.step_time = now - self.t0
+            self.t0 = now
+
+        def on_substep_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            return None
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+            if not logs:
+                return
+            rec = {"step": int(state.global_step)}
+            rec.update({k: (float(v) if isinstance(v, (int, float)) else v) for k, v in logs.items()})
+            if "loss" in logs and self.step_time is not None:
+                rec["step_time"] = self.step_time
+            self.records.append(rec)
+            with open(path, "a") as f:
+                f.write(json.dumps(_json_safe(rec)) + "\n")
+
+    return MetricsLogger()
+
+
+def _diagnostics_callback(probe: dict[str, torch.Tensor], every: int, path: Path) -> Any:
+    """``sdslora.diagnostics.DiagnosticsCallback`` when that module exists; None (with a warning) otherwise."""
+    try:
+        from ..diagnostics import DiagnosticsCallback  # type: ignore[attr-defined]
+    except ImportError as e:
+        warnings.warn(f"diagnostics requested but sdslora.diagnostics is not available ({e}); training without them",
+                      stacklevel=2)
+        return None
+    try:
+        return DiagnosticsCallback(probe, every=every, path=str(path))
+    except TypeError as e:
+        warnings.warn(f"sdslora.diagnostics.DiagnosticsCallback has an unexpected signature ({e}); no diagnostics",
+                      stacklevel=2)
+        return None
+
+
+def _build_optimizer(adapted: Any, cfg: RunConfig) -> Any:
+    """None for plain AdamW (the Trainer builds it); else ``sdslora.optim.build_optimizer``."""
+    if cfg.optimizer == "adamw":
+        return None
+    try:
+        from ..optim import build_optimizer  # type: ignore[attr-defined]
+    except ImportError as e:
+        raise ValueError(f"optimizer {cfg.optimizer!r} needs sdslora.optim, which is not available ({e}); use "
+                         "--optimizer adamw") from e
+    return build_optimizer(adapted, cfg.optimizer, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                           **cfg.optimizer_options)
+
+
+# ---- memory accounting -----------------------------------------------------------------------------------------
+def training_state_bytes(adapted: Any, tokens_per_step: int) -> dict[str, int]:
+    """Analytic bytes a method adds on top of the frozen model's own forward/backward:
+
+    * adapter tensors (parameters and buffers such as SDS-LoRA's Q_A, Q_B);
+    * gradients + two AdamW moments of every trainable parameter (3 copies);
+    * activations the adapter path saves for backward: tokens x (r for LoRA-like layers, 2r for SDS-LoRA's
+      rank-2r path) per adapted layer, in the adapter dtype.
+    """
+    adapter = 0
+    act = 0
+    for layer in adapted.adapter_layers().values():
+        tensors = layer.adapter_tensors()
+        adapter += sum(t.numel() * t.element_size() for t in tensors.values())
+        width = 2 * layer.r if layer.method == "sds" else layer.r
+        act += tokens_per_step * width * 4
+    trainable = sum(p.numel() * p.element_size() for p in adapted.trainable_parameters())
+    return {"adapter_tensors": adapter, "grad_and_adam": 3 * trainable, "adapter_activations": act,
+            "total": adapter + 3 * trainable + act}
+
+
+def _peak_rss_mb() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return ru / 1024.0 if sys.platform != "darwin" else ru / 2**20
+
+
+# ---- the run -----------------------------------------------------------------------------------------------
+def _shuffled(rows: list[Any], seed: int) -> list[Any]:
+    g = torch.Generator().manual_seed(seed)
+    return [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
+
+
+def prepare_data(cfg: RunConfig, task: Task) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    from ..data import resolve_data_dir
+
+    data_dir = resolve_data_dir(cfg.data_dir)
+    train = task.load("train", data_dir)
+    evals = task.load("eval", data_dir)
+    if cfg.train_limit:
+        train = _shuffled(train, 0)[: cfg.train_limit]
+    if cfg.eval_limit:
+        evals = evals[: cfg.eval_limit]
+    return train, evals
+
+
+def run_train(cfg: RunConfig, out: str | Path, *, progress: bool = True, train_rows: list[dict[str, Any]] | None = None,
+              eval_rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Train one run into ``out`` and return its results (see the module docstring for the files).
+
+    ``train_rows`` / ``eval_rows`` override the task's splits (``compare`` uses them for its validation split).
+    A finished run with the same config in ``out`` is not re-run: its ``results.json`` is returned.
+    Raises :class:`RunDirError` (folder holds another run), ValueError (bad config, data or model).
+    """
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from ..integrations.hf import SDSLoRACallback
+    from ..model import attach
+    from .data import Collator, ListDataset, encode, evaluate
+    from .models import head_modules, load_model
+
+    out = Path(out)
+    config = cfg.to_dict()
+    state = run_state(out, config)
+    if state == "done" and (out / "results.json").is_file():
+        return json.loads((out / "results.json").read_text())
+    if state == "partial":  # our own unfinished run: clear only the files a run writes
+        for name in RUN_FILES:
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    task = cfg.get_task()
+    if train_rows is None or eval_rows is None:
+        tr, ev = prepare_data(cfg, task)
+        train_rows = tr if train_rows is None else train_rows
+        eval_rows = ev if eval_rows is None else eval_rows
+    set_seed(cfg.seed)
+    dtype = torch.float32
+    model, tok, folder = load_model(cfg.model, task.kind, max(task.num_labels, 2), dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "run.json", {"config": config})
+    write_json(out / "versions.json", versions())
+
+    save = cfg.modules_to_save
+    if save is None and task.kind == "classification":
+        save = head_modules(model)
+    acfg = cfg.adapter_config(save or None)
+    adapted = attach(model, acfg)
+    summary = adapted.trainable_summary()
+    train_enc = encode(task, tok, train_rows, cfg.max_length)
+    if not train_enc:
+        raise ValueError("no training example fits max_length; raise --max-length")
+    collate = Collator(tok.pad_token_id if tok.pad_token_id is not None else 0)
+    probe = collate(train_enc[: min(len(train_enc), cfg.batch_size)])
+
+    use_cuda = torch.cuda.is_available()
+    if cfg.precision == "fp16" and not use_cuda:
+        raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    if use_cuda:
+        adapted.to("cuda")
+        torch.cuda.reset_peak_memory_stats()
+    steps = cfg.steps if cfg.steps is not None else -1
+    epochs = cfg.epochs if cfg.epochs is not None else 1.0
+    per_epoch = math.ceil(len(train_enc) / (cfg.batch_size * cfg.grad_accum))
+    total = cfg.steps if cfg.steps is not None else max(1, math.ceil(per_epoch * epochs))
+    args = TrainingArguments(
+        output_dir=str(out / "trainer"), max_steps=steps, num_train_epochs=epochs,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.scheduler,
+        warmup_steps=int(round(cfg.warmup_ratio * total)), weight_decay=cfg.weight_decay,
+        logging_steps=1, save_strategy="no", report_to=[], seed=cfg.seed, data_seed=cfg.seed,
+        bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16", use_cpu=not use_cuda,
+        disable_tqdm=not progress, dataloader_num_workers=0, remove_unused_columns=False,
+    )
+    metrics_cb = _metrics_callback(out / "metrics.jsonl")
+    callbacks: list[Any] = [SDSLoRACallback()]
+    if cfg.diagnostics_every > 0:
+        diag = _diagnostics_callback({k: v.to(adapted.device if use_cuda else "cpu") for k, v in probe.items()},
+                                     cfg.diagnostics_every, out / "diagnostics.jsonl")
+        if diag is not None:
+            callbacks.append(diag)
+    callbacks.append(metrics_cb)
+    optimizer = _build_optimizer(adapted, cfg)
+    trainer = Trainer(model=adapted, args=args, train_dataset=ListDataset(train_enc), data_collator=collate,
+                      callbacks=callbacks, optimizers=(optimizer, None))
+    if not progress:  # without tqdm the Trainer prints every log dict; metrics.jsonl has them
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    rss0 = _peak_rss_mb()
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    shutil.rmtree(out / "trainer", ignore_errors=True)
+
+    adapted.eval()
+    if summary["layers"]:
+        adapted.save_adapter(out / "adapter")
+        try:
+            adapted.export_peft(out / "peft")
+        except (ValueError, TypeError) as e:  # a method without an exact plain-LoRA export
+            (out / "peft_export_error.txt").write_text(str(e) + "\n")
+    else:
+        (out / "NO_ADAPTER.md").write_text(
+            f"Method {cfg.method!r} trains the whole model: there is no adapter to save or export. The metrics in "
+            "eval.json were measured on the trained model at the end of the run.\n"
+        )
+    ev = evaluate(adapted, tok, task, eval_rows, max_length=cfg.max_length, eval_mode=cfg.eval_mode,
+                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+    write_json(out / "eval.json", ev)
+
+    losses = [r["loss"] for r in metrics_cb.records if "loss" in r]
+    step_times = sorted(r["step_time"] for r in metrics_cb.records if "step_time" in r)
+    tokens = cfg.batch_size * cfg.max_length
+    mem = training_state_bytes(adapted, tokens)
+    results = {
+        "config": config, "method": cfg.method, "seed": cfg.seed, "r": cfg.r, "lr": cfg.learning_rate,
+        "task": task.name, "model": cfg.model, "model_folder": str(folder),
+        "trainable_parameters": summary["trainable"], "adapter_parameters": summary["adapter"],
+        "total_parameters": summary["total"], "adapted_layers": summary["layers"], "modules_to_save": save,
+        "steps": int(trainer.state.global_step), "final_train_loss": _tail_mean(losses, 10),
+        "step_time_median_s": step_times[len(step_times) // 2] if step_times else None,
+        "train_wall_s": wall, "memory_bytes_analytic": mem,
+        "peak_rss_growth_mb": max(0.0, _peak_rss_mb() - rss0),
+        "cuda_peak_bytes": torch.cuda.max_memory_allocated() if use_cuda else None,
+        "eval": ev, "primary_metric": task.primary_metric,
+    }
+    write_json(out / "results.json", results)
+    write_json(out / "done.json", {"config": config, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return results
+
+
+def _tail_mean(xs: list[float], n: int) -> float | None:
+    tail = [x for x in xs[-n:] if math.isfinite(x)]
+    return sum(tail) / len(tail) if tail else None
