@@ -204,3 +204,22 @@ def test_needs_init_data_and_valid_options():
         attach(
             tiny_llama(), AdapterConfig(method="lora_ga", r=10, target_modules=TARGETS), init_data=_batches()
         )
+
+
+def test_restore_base_and_post_load_guard():
+    original = tiny_llama()
+    adapted = attach(
+        copy.deepcopy(original),
+        AdapterConfig(method="lora_ga", r=R, target_modules=TARGETS),
+        init_data=_batches(),
+    )
+    layer = next(iter(adapted.adapter_layers().values()))
+    name = next(iter(adapted.adapter_layers()))
+    w0 = original.get_submodule(name).weight
+    assert not torch.allclose(layer.base_weight, w0, atol=1e-6)
+    with pytest.raises(RuntimeError, match="already shifted"):
+        layer.post_load()
+    layer.restore_base()
+    torch.testing.assert_close(layer.base_weight, w0, rtol=0, atol=1e-6)
+    with pytest.raises(RuntimeError, match="restore_base"):
+        layer.restore_base()

@@ -124,6 +124,7 @@ class LoRAGALayer(LoRALayer):
         kw = {"dtype": self.adapter_dtype, "device": self.base_weight.device}
         self.register_buffer("lora_A0", torch.zeros(self.r, self.in_features, **kw))
         self.register_buffer("lora_B0", torch.zeros(self.out_features, self.r, **kw))
+        self._rebased = False
 
     @torch.no_grad()
     def init_from_gradient(self, grad: torch.Tensor) -> None:
@@ -145,10 +146,23 @@ class LoRAGALayer(LoRALayer):
         with torch.autocast(device_type=w.device.type, enabled=False):
             offset = self.scale * (self.lora_B0.to(work) @ self.lora_A0.to(work))
             w.copy_((w.to(work) + sign * self._to_base_layout(offset)).to(w.dtype))
+        self._rebased = sign < 0
 
     def post_load(self) -> None:
         """After a saved adapter's tensors are loaded onto the original model: re-create W0 − s·B0A0."""
+        if self._rebased:
+            raise RuntimeError(
+                "LoRAGALayer.post_load() shifts the original weight by the loaded A0, B0, but this layer's weight is "
+                "already shifted: load adapters with sdslora.load_adapter onto a fresh original model"
+            )
         self._shift_base(-1.0)
+
+    def restore_base(self) -> None:
+        """Undo the shift, W0 − s·B0A0 → W0 (up to rounding), e.g. before unloading without merging.
+        Raises RuntimeError if the weight is not shifted or the layer is merged."""
+        if not self._rebased or self.merged:
+            raise RuntimeError("restore_base() needs an unmerged LoRA-GA layer whose base weight is shifted")
+        self._shift_base(1.0)
 
     def delta_weight(self) -> torch.Tensor:
         # relative to the ORIGINAL W0 (rebases_base_weight): s·B·A − s·B0·A0, zero at initialisation

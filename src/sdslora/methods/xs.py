@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLayer
+from .base import AdapterLayer, init_deferred
 
 SVD_KINDS = ("exact", "lowrank")
 
@@ -101,7 +101,8 @@ class XSLayer(AdapterLayer):
         self.register_buffer("lora_A", torch.zeros(self.r, self.in_features, dtype=dt, device=dev))
         self.register_buffer("lora_B", torch.zeros(self.out_features, self.r, dtype=dt, device=dev))
         self.lora_R = nn.Parameter(torch.zeros(self.r, self.r, dtype=dt, device=dev))
-        self._init_core()
+        if not init_deferred():  # io.load_adapter: the saved tensors follow, no SVD needed
+            self._init_core()
 
     @torch.no_grad()
     def _init_core(self) -> None:
