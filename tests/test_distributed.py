@@ -108,9 +108,10 @@ def test_ddp_sync_repairs_rank_divergence(ddp_fsdp: dict[str, Any]) -> None:
     assert unsynced["identical"]["10"] and not any(unsynced["identical"][s] for s in DUTY_STEPS[1:])
 
 
-def test_fsdp2_duties_gather_adapter_only_and_match_one_process(ddp_fsdp: dict[str, Any]) -> None:
-    run = ddp_fsdp["fsdp"]
-    _check_run(run, ddp_fsdp["ref_losses"])
+@pytest.mark.parametrize("key", ["fsdp", "fsdp_orthogonal"])
+def test_fsdp2_duties_gather_adapter_only_and_match_one_process(ddp_fsdp: dict[str, Any], key: str) -> None:
+    run = ddp_fsdp[key]
+    _check_run(run, run["ref_losses"])
     assert all(run["sharded_after"].values())  # A, B are DTensor shards again after every duty
     assert run["n_gathered"] > 0 and run["gathered_only_adapter"]  # never W0
     # save / export from the sharded model: every rank called, rank 0 wrote (native + PEFT), rank 1 nothing

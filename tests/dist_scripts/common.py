@@ -22,18 +22,18 @@ GLOBAL_BATCH = 4
 LR = 1e-2
 
 
-def config() -> sdslora.AdapterConfig:
+def config(method: str = "sds") -> sdslora.AdapterConfig:
     # refresh every 2 steps after the warm-up: refreshes at 12, 14, ..., 20 (the decaying rule gives one in 20 steps)
     return sdslora.AdapterConfig(
-        method="sds", r=4, target_modules=["q_proj", "v_proj", "down_proj"], options={"refresh": "every:2"}
+        method=method, r=4, target_modules=["q_proj", "v_proj", "down_proj"], options={"refresh": "every:2"}
     )
 
 
-def fresh_model() -> sdslora.AdaptedModel:
+def fresh_model(method: str = "sds") -> sdslora.AdaptedModel:
     """The same tiny Llama with the same adapter initialisation on every rank and in the reference."""
     base = tiny_llama(seed=0)
     torch.manual_seed(1)
-    return sdslora.attach(base, config())
+    return sdslora.attach(base, config(method))
 
 
 def global_batch(step: int) -> dict[str, torch.Tensor]:
@@ -74,9 +74,9 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def reference_run(steps: int = T) -> dict[str, Any]:
+def reference_run(steps: int = T, method: str = "sds") -> dict[str, Any]:
     """One process, the global batch, plain loop: losses and adapter snapshots after every duty."""
-    model = fresh_model()
+    model = fresh_model(method)
     model.train()
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=LR)
     ctl = sdslora.Controller(model, opt, total_steps=T)

@@ -115,12 +115,12 @@ def run_accelerate(ref: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_fsdp(ref: dict[str, Any]) -> dict[str, Any]:
+def run_fsdp(ref: dict[str, Any], method: str = "sds") -> dict[str, Any]:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = fresh_model()
+    model = fresh_model(method)
     model.train()
     for block in model.model.model.layers:
         fully_shard(block)
@@ -185,6 +185,7 @@ def run_fsdp(ref: dict[str, Any]) -> dict[str, Any]:
     final = adapter_snapshot(model)
     result: dict[str, Any] = {
         "losses": losses,
+        "ref_losses": ref["losses"],
         "identical": identical,
         "vs_ref": vs_ref,
         "sharded_after": sharded_after,
@@ -202,8 +203,11 @@ def run_fsdp(ref: dict[str, Any]) -> dict[str, Any]:
         errs = []
         for name, layer in model.adapter_layers().items():
             p = f"{name}."
-            a, b, qa, qb = (final[p + k] for k in ("lora_A", "lora_B", "lora_QA", "lora_QB"))
-            delta = layer.scale * (qb @ a + b @ qa)
+            a, b = final[p + "lora_A"], final[p + "lora_B"]
+            if method == "sds":  # ΔW = s (Q_B A + B Q_Aᵀ)
+                delta = layer.scale * (final[p + "lora_QB"] @ a + b @ final[p + "lora_QA"])
+            else:  # orthogonal: ΔW = s (B A + O_B O_A)
+                delta = layer.scale * (b @ a + final[p + "lora_offset_B"] @ final[p + "lora_offset_A"])
             pa, pb = (peft[f"base_model.model.{name}.lora_{k}.weight"] for k in "AB")
             errs.append(float((pb.float() @ pa.float() - delta).abs().max()))
         result["peft_delta_err"] = max(errs)
@@ -223,6 +227,7 @@ def main() -> None:
         "ddp_perturbed_sync": run_ddp(ref, sync="auto", perturb=True),
         "ddp_perturbed_nosync": run_ddp(ref, sync=False, perturb=True),
         "fsdp": run_fsdp(ref),
+        "fsdp_orthogonal": run_fsdp(reference_run(method="orthogonal"), method="orthogonal"),
         "accelerate": run_accelerate(ref),
         "trainer": run_trainer(ref),  # in the same launch: process start-up dominates the test's time
     }
