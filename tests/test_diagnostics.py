@@ -28,11 +28,20 @@ from sdslora.methods.base import layer_dims
 D = torch.float64
 
 
-def _adapted(kind: str, method: str = "lora", r: int = 4, dtype=torch.float32, seed: int = 0, **cfg):
+def _adapted(
+    kind: str,
+    method: str = "lora",
+    r: int = 4,
+    dtype=torch.float32,
+    seed: int = 0,
+    targets="all-linear",
+    **cfg,
+):
     model = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert_cls}[kind](seed).to(dtype)
     ad = "base" if dtype == D else "float32"
-    adapted = sdslora.attach(model, sdslora.AdapterConfig(method=method, r=r, target_modules="all-linear",
-                                                          adapter_dtype=ad, **cfg))
+    adapted = sdslora.attach(
+        model, sdslora.AdapterConfig(method=method, r=r, target_modules=targets, adapter_dtype=ad, **cfg)
+    )
     g = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
         for layer in adapted.adapter_layers().values():
@@ -101,8 +110,10 @@ def _snapshot(model: torch.nn.Module):
         {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()},
         {n: p.requires_grad for n, p in model.named_parameters()},
         {n: m.training for n, m in model.named_modules()},
-        {n: (len(m._forward_hooks), len(m._backward_hooks), len(m._forward_pre_hooks)) for n, m in
-         model.named_modules()},
+        {
+            n: (len(m._forward_hooks), len(m._backward_hooks), len(m._forward_pre_hooks))
+            for n, m in model.named_modules()
+        },
     )
 
 
@@ -192,7 +203,10 @@ def test_sds_aligns_better_than_lora_from_a_skewed_start() -> None:
     d_lora, d_sds = diagnose(lora, probe), diagnose(sds, probe)
     assert d_lora.summary["loss"] == pytest.approx(d_sds.summary["loss"], rel=1e-5)
     assert d_sds.summary["cos_g_geff"] > d_lora.summary["cos_g_geff"] + 0.05
-    er = {k: (d.summary["erank_grad_A"] + d.summary["erank_grad_B"]) / 2 for k, d in (("lora", d_lora), ("sds", d_sds))}
+    er = {
+        k: (d.summary["erank_grad_A"] + d.summary["erank_grad_B"]) / 2
+        for k, d in (("lora", d_lora), ("sds", d_sds))
+    }
     assert er["sds"] > er["lora"] + 0.5
     assert d_sds.summary["cos_geff_gstar"] > d_lora.summary["cos_geff_gstar"]
     assert d_lora.summary["kappa_A"] > 10  # the skew is visible in the factors
@@ -217,7 +231,7 @@ def test_full_finetuning_and_plain_model() -> None:
 
 
 def test_unsupported_optimizer_says_sgd_direction_only() -> None:
-    adapted = _adapted("llama")
+    adapted = _adapted("llama", targets=["v_proj"])
     opt = torch.optim.RMSprop(adapted.trainable_parameters())
     with pytest.warns(UserWarning, match="SGD direction only"):
         diag = diagnose(adapted, batch_for("llama"), optimizer=opt)
@@ -225,7 +239,12 @@ def test_unsupported_optimizer_says_sgd_direction_only() -> None:
 
 
 def test_recorder_writes_jsonl_with_controller_events(tmp_path) -> None:
-    adapted = _adapted("llama", method="sds", options={"warmup_steps": 2, "refresh": "every:1"})
+    adapted = _adapted(
+        "llama",
+        method="sds",
+        targets=["q_proj", "up_proj"],
+        options={"warmup_steps": 2, "refresh": "every:1"},
+    )
     opt = torch.optim.AdamW(adapted.trainable_parameters(), lr=1e-3)
     ctl = sdslora.Controller(adapted, opt, total_steps=6)
     path = tmp_path / "diag.jsonl"
@@ -254,9 +273,16 @@ def test_recorder_writes_jsonl_with_controller_events(tmp_path) -> None:
 def test_plot_history(tmp_path) -> None:
     from sdslora.diagnostics import plot_history
 
-    recs = [{"step": s, "summary": {"cos_g_geff": 0.1 * s, "stable_rank_A": 3 - 0.1 * s},
-             "events": [{"step": s, "event": "refresh", "sim_A_mean": 0.9, "sim_B_mean": 0.95, "jump_mean": 0.1}]}
-            for s in (1, 2, 3)]
+    recs = [
+        {
+            "step": s,
+            "summary": {"cos_g_geff": 0.1 * s, "stable_rank_A": 3 - 0.1 * s},
+            "events": [
+                {"step": s, "event": "refresh", "sim_A_mean": 0.9, "sim_B_mean": 0.95, "jump_mean": 0.1}
+            ],
+        }
+        for s in (1, 2, 3)
+    ]
     paths = plot_history({"lora": recs, "sds": recs[:2]}, tmp_path / "plots")
     names = {p.name for p in paths}
     assert names == {"alignment.png", "stable_rank.png", "basis_similarity.png"}

@@ -46,7 +46,9 @@ def test_effective_rank_known_values() -> None:
     assert effective_rank(_with_sv(10, 7, [2.0, 2.0, 2.0, 2.0])) == pytest.approx(4.0, rel=1e-12)
     assert effective_rank(_with_sv(6, 9, [5.0])) == pytest.approx(1.0, rel=1e-12)
     p = torch.tensor([0.75, 0.25], dtype=D)
-    assert effective_rank(_with_sv(8, 8, [3.0, 1.0])) == pytest.approx(math.exp(float(-(p * p.log()).sum())), rel=1e-12)
+    assert effective_rank(_with_sv(8, 8, [3.0, 1.0])) == pytest.approx(
+        math.exp(float(-(p * p.log()).sum())), rel=1e-12
+    )
     assert math.isnan(effective_rank(torch.zeros(3, 4, dtype=D)))
 
 
@@ -96,7 +98,9 @@ def test_tangent_projection_against_projectors() -> None:
     assert cosine(G, gstar) == pytest.approx(float(gstar.norm() / G.norm()), rel=1e-12)
     _close(tangent_projection(gstar, orthonormal_basis(B), orthonormal_basis(A.T)), gstar)
     # a zero factor has an empty basis: G* = G P_A
-    _close(tangent_projection(G, orthonormal_basis(torch.zeros(11, 3, dtype=D)), orthonormal_basis(A.T)), G @ PA)
+    _close(
+        tangent_projection(G, orthonormal_basis(torch.zeros(11, 3, dtype=D)), orthonormal_basis(A.T)), G @ PA
+    )
 
 
 def test_truncation_alignment_eckart_young() -> None:
@@ -192,4 +196,3 @@ def test_optimizer_direction_unsupported_is_none() -> None:
     assert optimizer_direction(torch.optim.RMSprop([p]), p, torch.ones(3, 3, dtype=D)) is None
     other = nn.Parameter(torch.randn(3, 3, dtype=D))
     assert optimizer_direction(torch.optim.AdamW([p]), other, torch.ones(3, 3, dtype=D)) is None
-

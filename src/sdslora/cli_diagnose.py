@@ -38,10 +38,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="probe data: JSONL with a 'text' field, or TSV with a text/sentence column")
     p.add_argument("--batch-size", type=int, default=8, help="probe batch size (default 8)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per example (default 128)")
-    p.add_argument("--history", action="append", default=[], metavar="FILE.jsonl",
-                   help="diagnostics history to plot (repeatable: one line per file in each plot)")
+    p.add_argument(
+        "--history",
+        action="append",
+        default=[],
+        metavar="FILE.jsonl",
+        help="diagnostics history to plot (repeatable: one line per file in each plot)",
+    )
     p.add_argument("--out", default=".", help="folder for the PNG plots (default .)")
-    p.add_argument("--json", dest="json_out", help="also write the per-layer rows and summary to this JSON file")
+    p.add_argument(
+        "--json", dest="json_out", help="also write the per-layer rows and summary to this JSON file"
+    )
     p.set_defaults(func=run)
 
 
@@ -102,15 +109,22 @@ def load_model(model_dir: str | Path) -> tuple[Any, Any, bool]:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
         if tok.pad_token is None:
-            raise ValueError(f"the tokenizer in {model_dir} has no pad, eos or unk token to pad the probe batch")
+            raise ValueError(
+                f"the tokenizer in {model_dir} has no pad, eos or unk token to pad the probe batch"
+            )
     return model.eval(), tok, is_cls
 
 
 def build_batch(examples: list[dict[str, Any]], tok: Any, max_length: int, is_cls: bool) -> dict[str, Any]:
     import torch
 
-    enc = tok([e["text"] for e in examples], padding=True, truncation=True, max_length=max_length,
-              return_tensors="pt")
+    enc = tok(
+        [e["text"] for e in examples],
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
     batch = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     if is_cls:
         if any("label" not in e for e in examples):
@@ -135,9 +149,18 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-COLUMNS = [("cos_g_geff", "cos(G,G̃)"), ("cos_geff_gstar", "cos(G̃,G*)"), ("cos_g_gstar", "cos(G,G*)"),
-           ("cos_g_gr", "cos(G,Gr)"), ("erank_grad_A", "er∇A"), ("erank_grad_B", "er∇B"),
-           ("stable_rank_A", "srA"), ("stable_rank_B", "srB"), ("kappa_A", "κA"), ("kappa_B", "κB")]
+COLUMNS = [
+    ("cos_g_geff", "cos(G,G̃)"),
+    ("cos_geff_gstar", "cos(G̃,G*)"),
+    ("cos_g_gstar", "cos(G,G*)"),
+    ("cos_g_gr", "cos(G,Gr)"),
+    ("erank_grad_A", "er∇A"),
+    ("erank_grad_B", "er∇B"),
+    ("stable_rank_A", "srA"),
+    ("stable_rank_B", "srB"),
+    ("kappa_A", "κA"),
+    ("kappa_B", "κB"),
+]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -145,8 +168,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     head = ["layer"] + [h for _, h in COLUMNS]
     body = [[r["name"]] + [_fmt(r.get(k)) for k, _ in COLUMNS] for r in rows]
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
-             for line in [head, *body]]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+        for line in [head, *body]
+    ]
     return "\n".join(lines)
 
 
@@ -181,8 +206,11 @@ def _run(args: argparse.Namespace) -> int:
         if args.json_out:
             from sdslora.diagnostics.probe import _jsonable
 
-            Path(args.json_out).write_text(json.dumps(_jsonable({"summary": diag.summary, "layers": diag.rows,
-                                                                 "events": diag.events}), indent=1))
+            Path(args.json_out).write_text(
+                json.dumps(
+                    _jsonable({"summary": diag.summary, "layers": diag.rows, "events": diag.events}), indent=1
+                )
+            )
     if args.history:
         from sdslora.diagnostics import read_history
         from sdslora.diagnostics.plots import plot_history

@@ -36,7 +36,9 @@ class DiagnosticsCallback(TrainerCallback):
     Raises ``ValueError`` for a negative or non-integer ``every``.
     """
 
-    def __init__(self, probe_batch: Any, every: int = 50, path: str | None = None, loss_fn: Any = None) -> None:
+    def __init__(
+        self, probe_batch: Any, every: int = 50, path: str | None = None, loss_fn: Any = None
+    ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 0:
             raise ValueError(f"every must be an int >= 0 (0 disables), got {every!r}")
         self.probe_batch = probe_batch
@@ -47,8 +49,9 @@ class DiagnosticsCallback(TrainerCallback):
         self.records: list[dict[str, Any]] = []
         self._pending_logs: dict[str, float] = {}
 
-    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
-                    **kwargs: Any) -> None:
+    def on_step_end(
+        self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any
+    ) -> None:
         if not self.every or model is None:
             return
         step = int(state.global_step)
@@ -56,8 +59,13 @@ class DiagnosticsCallback(TrainerCallback):
             return
         if self.recorder is None or self.recorder.model is not model:
             main = bool(getattr(state, "is_world_process_zero", True))
-            self.recorder = DiagnosticsRecorder(model, self.probe_batch, every=self.every,
-                                                path=self.path if main else None, loss_fn=self.loss_fn)
+            self.recorder = DiagnosticsRecorder(
+                model,
+                self.probe_batch,
+                every=self.every,
+                path=self.path if main else None,
+                loss_fn=self.loss_fn,
+            )
         self.recorder.optimizer = optimizer
         rec = self.recorder.record(step)
         self.records.append(rec)
@@ -65,8 +73,9 @@ class DiagnosticsCallback(TrainerCallback):
             if isinstance(v, (int, float)):
                 self._pending_logs[f"diag/{k}"] = float(v)
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
-               **kwargs: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any
+    ) -> None:
         if logs is not None and self._pending_logs:
             logs.update(self._pending_logs)
             self._pending_logs = {}

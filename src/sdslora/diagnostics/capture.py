@@ -93,7 +93,9 @@ def capture_gradients(
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise ValueError("the probe loss must be a scalar tensor; check loss_fn / the batch's labels")
             if not torch.isfinite(loss.detach()).all():
-                raise ValueError(f"the probe loss is not finite ({float(loss.detach())}); check the batch and model")
+                raise ValueError(
+                    f"the probe loss is not finite ({float(loss.detach())}); check the batch and model"
+                )
             outputs = [o for cap in caps.values() for o in cap.outputs]
             inputs = outputs + list(params)
             if not loss.requires_grad or not inputs:

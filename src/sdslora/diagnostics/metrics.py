@@ -209,8 +209,10 @@ def effective_gradient(layer: nn.Module, direction: Mapping[str, torch.Tensor]) 
     params = trainable_tensors(layer)
     unknown = sorted(set(direction) - set(params))
     if unknown:
-        raise ValueError(f"effective_gradient(): {unknown} are not trainable tensors of {type(layer).__name__} "
-                         f"(trainable: {sorted(params)})")
+        raise ValueError(
+            f"effective_gradient(): {unknown} are not trainable tensors of {type(layer).__name__} "
+            f"(trainable: {sorted(params)})"
+        )
     names = list(params)
     if not names:
         with torch.no_grad():
@@ -222,8 +224,10 @@ def effective_gradient(layer: nn.Module, direction: Mapping[str, torch.Tensor]) 
         if d is None:
             d = torch.zeros_like(p)
         if d.shape != p.shape:
-            raise ValueError(f"effective_gradient(): direction {n!r} has shape {tuple(d.shape)}, parameter has "
-                             f"{tuple(p.shape)}")
+            raise ValueError(
+                f"effective_gradient(): direction {n!r} has shape {tuple(d.shape)}, parameter has "
+                f"{tuple(p.shape)}"
+            )
         tangents.append(d.detach().to(p.dtype))
     wrapper = _DeltaCall(layer)
     keys = [f"layer.{n}" for n in names]
@@ -234,8 +238,10 @@ def effective_gradient(layer: nn.Module, direction: Mapping[str, torch.Tensor]) 
     try:
         _, out = jvp(delta, primals, tuple(tangents))
     except (RuntimeError, NotImplementedError) as e:  # no forward-mode rule for some op: double-backward JVP
-        warnings.warn(f"forward-mode JVP failed for {type(layer).__name__} ({e}); using the double-backward JVP",
-                      stacklevel=2)
+        warnings.warn(
+            f"forward-mode JVP failed for {type(layer).__name__} ({e}); using the double-backward JVP",
+            stacklevel=2,
+        )
         with torch.enable_grad():
             _, out = torch.autograd.functional.jvp(delta, primals, tuple(tangents))
     return _f(out.detach())
@@ -262,7 +268,9 @@ def optimizer_direction(
     if isinstance(optimizer, (torch.optim.AdamW, torch.optim.Adam)):
         beta1, beta2 = group["betas"]
         eps, wd = float(group["eps"]), float(group.get("weight_decay", 0.0))
-        decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+        decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(
+            group.get("decoupled_weight_decay", False)
+        )
         if wd and not decoupled:
             g = g + wd * p
         m = state.get("exp_avg", torch.zeros_like(p))

@@ -11,9 +11,17 @@ from typing import Any
 
 PANELS: dict[str, list[tuple[str, str]]] = {
     # file stem: [(summary key, label)]
-    "alignment": [("cos_g_geff", "cos(G, G̃)"), ("cos_geff_gstar", "cos(G̃, G*)"), ("cos_g_geff_opt", "cos(G, G̃_opt)")],
-    "effective_rank": [("erank_grad_A", "erank ∇A"), ("erank_grad_B", "erank ∇B"),
-                       ("erank_scalefree_A", "erank U_BᵀG"), ("erank_scalefree_B", "erank G V_A")],
+    "alignment": [
+        ("cos_g_geff", "cos(G, G̃)"),
+        ("cos_geff_gstar", "cos(G̃, G*)"),
+        ("cos_g_geff_opt", "cos(G, G̃_opt)"),
+    ],
+    "effective_rank": [
+        ("erank_grad_A", "erank ∇A"),
+        ("erank_grad_B", "erank ∇B"),
+        ("erank_scalefree_A", "erank U_BᵀG"),
+        ("erank_scalefree_B", "erank G V_A"),
+    ],
     "stable_rank": [("stable_rank_A", "stable rank A"), ("stable_rank_B", "stable rank B")],
 }
 
@@ -61,12 +69,15 @@ def plot_history(records_by_run: dict[str, list[dict[str, Any]]], out_dir: str |
     panels: dict[str, list[tuple[str, str, Any]]] = {
         stem: [(k, label, _series) for k, label in keys] for stem, keys in PANELS.items()
     }
-    panels["basis_similarity"] = [("sim_A_mean", "basis similarity A", _refresh_series),
-                                  ("sim_B_mean", "basis similarity B", _refresh_series),
-                                  ("jump_mean", "relative ΔW jump", _refresh_series)]
+    panels["basis_similarity"] = [
+        ("sim_A_mean", "basis similarity A", _refresh_series),
+        ("sim_B_mean", "basis similarity B", _refresh_series),
+        ("jump_mean", "relative ΔW jump", _refresh_series),
+    ]
     for stem, keys in panels.items():
-        present = [(k, label, fn) for k, label, fn in keys
-                   if any(fn(recs, k)[0] for recs in records_by_run.values())]
+        present = [
+            (k, label, fn) for k, label, fn in keys if any(fn(recs, k)[0] for recs in records_by_run.values())
+        ]
         if not present:
             continue
         fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.4), squeeze=False)

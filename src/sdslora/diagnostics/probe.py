@@ -64,8 +64,18 @@ from .metrics import (
 )
 
 SUMMARY_KEYS = (
-    "cos_g_geff", "cos_geff_gstar", "cos_g_gstar", "cos_g_gr", "erank_grad_A", "erank_grad_B", "erank_scalefree_A",
-    "erank_scalefree_B", "stable_rank_A", "stable_rank_B", "kappa_A", "kappa_B",
+    "cos_g_geff",
+    "cos_geff_gstar",
+    "cos_g_gstar",
+    "cos_g_gr",
+    "erank_grad_A",
+    "erank_grad_B",
+    "erank_scalefree_A",
+    "erank_scalefree_B",
+    "stable_rank_A",
+    "stable_rank_B",
+    "kappa_A",
+    "kappa_B",
 )
 EXTRA_SUMMARY_KEYS = ("stable_rank_dW", "kappa_dW")
 
@@ -95,13 +105,17 @@ def _mean(values: list[Any]) -> float | None:
 def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     """``model(**batch).loss`` (Hugging Face style)."""
     if not isinstance(batch, Mapping):
-        raise TypeError(f"the probe batch must be a dict of model inputs, got {type(batch).__name__}; "
-                        "pass loss_fn(model, batch) for other batch types")
+        raise TypeError(
+            f"the probe batch must be a dict of model inputs, got {type(batch).__name__}; "
+            "pass loss_fn(model, batch) for other batch types"
+        )
     out = model(**batch)
     loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
     if loss is None:
-        raise ValueError("the model returned no .loss for the probe batch: include 'labels', or pass "
-                         "loss_fn(model, batch) -> scalar loss")
+        raise ValueError(
+            "the model returned no .loss for the probe batch: include 'labels', or pass "
+            "loss_fn(model, batch) -> scalar loss"
+        )
     return loss
 
 
@@ -125,7 +139,9 @@ def _inner_optimizer(optimizer: Any) -> Any:
     return unwrap_optimizer(optimizer)
 
 
-def _targets(model: nn.Module, adapted: AdaptedModel | None, layers: list[str] | None) -> dict[str, nn.Module]:
+def _targets(
+    model: nn.Module, adapted: AdaptedModel | None, layers: list[str] | None
+) -> dict[str, nn.Module]:
     if adapted is not None and adapted._layers:
         found: dict[str, nn.Module] = dict(adapted.adapter_layers())
     else:
@@ -135,11 +151,15 @@ def _targets(model: nn.Module, adapted: AdaptedModel | None, layers: list[str] |
     if layers is not None:
         missing = [n for n in layers if n not in found]
         if missing:
-            raise ValueError(f"diagnose(): no diagnosable layer named {missing[:3]}; available: {list(found)[:8]}"
-                             + (" ..." if len(found) > 8 else ""))
+            raise ValueError(
+                f"diagnose(): no diagnosable layer named {missing[:3]}; available: {list(found)[:8]}"
+                + (" ..." if len(found) > 8 else "")
+            )
         found = {n: found[n] for n in layers}
     if not found:
-        raise ValueError("diagnose(): the model has no adapter layer and no nn.Linear / Conv1D layer to diagnose")
+        raise ValueError(
+            "diagnose(): the model has no adapter layer and no nn.Linear / Conv1D layer to diagnose"
+        )
     return found
 
 
@@ -180,8 +200,13 @@ def _lowrank_sv(layer: nn.Module) -> torch.Tensor | None:
 
 
 def _layer_row(
-    name: str, module: nn.Module, g: torch.Tensor, grads: dict[str, torch.Tensor | None],
-    optimizer: torch.optim.Optimizer | None, rank: int, opt_ok: list[bool],
+    name: str,
+    module: nn.Module,
+    g: torch.Tensor,
+    grads: dict[str, torch.Tensor | None],
+    optimizer: torch.optim.Optimizer | None,
+    rank: int,
+    opt_ok: list[bool],
 ) -> dict[str, Any]:
     """All metrics of one layer given its G (the only m×n gradient alive)."""
     n_in, n_out = layer_dims(module.base_layer if isinstance(module, AdapterLayer) else module)
@@ -238,8 +263,16 @@ def _layer_row(
     row["cos_g_gr"] = truncation_alignment_of(g, k)
     # factor metrics
     fac = _factors(module) if is_adapter else None
-    for key in ("erank_grad_A", "erank_grad_B", "erank_scalefree_A", "erank_scalefree_B", "stable_rank_A",
-                "stable_rank_B", "kappa_A", "kappa_B"):
+    for key in (
+        "erank_grad_A",
+        "erank_grad_B",
+        "erank_scalefree_A",
+        "erank_scalefree_B",
+        "stable_rank_A",
+        "stable_rank_B",
+        "kappa_A",
+        "kappa_B",
+    ):
         row[key] = float("nan")
     if fac is not None:
         a, b = fac
@@ -356,8 +389,11 @@ def diagnose(
         del g
         caps[name] = None  # type: ignore[assignment]  # free this layer's activations
     if opt is not None and not opt_ok[0]:
-        warnings.warn(f"diagnose(): {type(opt).__name__} is not supported for the optimizer-direction alignment "
-                      "(AdamW, Adam, SGD are): SGD direction only", stacklevel=2)
+        warnings.warn(
+            f"diagnose(): {type(opt).__name__} is not supported for the optimizer-direction alignment "
+            "(AdamW, Adam, SGD are): SGD direction only",
+            stacklevel=2,
+        )
     summary: dict[str, float | None] = {k: _mean([r.get(k) for r in rows]) for k in SUMMARY_KEYS}
     for k in EXTRA_SUMMARY_KEYS:
         summary[k] = _mean([r.get(k) for r in rows])
@@ -375,15 +411,20 @@ def verdict(diag: Diagnostics) -> str:
     """A plain-words reading of :class:`Diagnostics` (thresholds in the module docstring)."""
     rows = diag.rows
     parts = []
-    kappas = [max(r["kappa_A"], r["kappa_B"]) for r in rows
-              if not _nan(r.get("kappa_A")) and not _nan(r.get("kappa_B"))]
+    kappas = [
+        max(r["kappa_A"], r["kappa_B"])
+        for r in rows
+        if not _nan(r.get("kappa_A")) and not _nan(r.get("kappa_B"))
+    ]
     bad = False
     if kappas:
         med = statistics.median(kappas)
         word = "well" if med < 3 else ("moderately" if med < 10 else "badly")
         if diag.method == "sds":  # SDS-LoRA's gradients do not depend on the factors' singular values
-            parts.append(f"factors are {word} conditioned (median κ {med:.3g}; this does not enter SDS-LoRA's "
-                         "gradients)")
+            parts.append(
+                f"factors are {word} conditioned (median κ {med:.3g}; this does not enter SDS-LoRA's "
+                "gradients)"
+            )
         else:
             bad = med >= 10
             parts.append(f"factors are {word} conditioned (median κ {med:.3g})")
@@ -436,8 +477,15 @@ class DiagnosticsRecorder:
     Raises ``ValueError`` for ``every < 1``.
     """
 
-    def __init__(self, model: nn.Module, probe_batch: Any, every: int = 50, path: str | Path | None = None,
-                 loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None, optimizer: Any = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        probe_batch: Any,
+        every: int = 50,
+        path: str | Path | None = None,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+        optimizer: Any = None,
+    ):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an int >= 1, got {every!r}")
         self.model = model
@@ -459,15 +507,16 @@ class DiagnosticsRecorder:
         events = list(getattr(ctl, "events", []) or [])
         if len(events) < self._events_seen:  # a new Controller: start over
             self._events_seen = 0
-        new = events[self._events_seen:]
+        new = events[self._events_seen :]
         self._events_seen = len(events)
         return new
 
     def record(self, step: int) -> dict[str, Any]:
         """Diagnose now and write the record (regardless of ``every``)."""
         diag = diagnose(self.model, self.probe_batch, loss_fn=self.loss_fn, optimizer=self.optimizer)
-        rec = _jsonable({"step": int(step), "summary": diag.summary, "layers": diag.rows,
-                         "events": self._new_events()})
+        rec = _jsonable(
+            {"step": int(step), "summary": diag.summary, "layers": diag.rows, "events": self._new_events()}
+        )
         self.records.append(rec)
         if self.path is not None:
             with self.path.open("a") as f:
@@ -490,7 +539,9 @@ def read_history(path: str | Path) -> list[dict[str, Any]]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i} is not valid JSON ({e}); is this a diagnostics history file?") from e
+            raise ValueError(
+                f"{path}:{i} is not valid JSON ({e}); is this a diagnostics history file?"
+            ) from e
         if not isinstance(rec, dict) or "step" not in rec or "summary" not in rec:
             raise ValueError(f"{path}:{i} is not a diagnostics record (needs 'step' and 'summary')")
         out.append(rec)
