@@ -146,6 +146,11 @@ def test_deepspeed_optimizer_raises_at_setup() -> None:
     sdslora.Controller(lora, zero)
 
 
+def test_real_fsdp1_is_refused_at_setup(ddp_fsdp: dict[str, Any]) -> None:
+    errors = ddp_fsdp["fsdp1_errors"]
+    assert len(errors) == 2 and all("FSDP1" in e and "Use DDP or FSDP2" in e for e in errors)
+
+
 def test_fsdp1_flattened_params_raise_at_setup() -> None:
     model = _sds_model()
     next(iter(model.adapter_layers().values())).lora_B._fsdp_flattened = True  # FSDP1's mark on its params

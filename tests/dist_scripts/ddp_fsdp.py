@@ -214,6 +214,23 @@ def run_fsdp(ref: dict[str, Any], method: str = "sds") -> dict[str, Any]:
     return result
 
 
+def fsdp1_refused() -> list[str]:
+    """FSDP1 (use_orig_params=True; False is refused by FSDP1 itself for a partly frozen model) flattens A and B:
+    the Controller must refuse it at construction, given the wrapper or the AdaptedModel inside."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model = fresh_model()
+    wrapped = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
+    opt = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=LR)
+    errors = []
+    for target in (wrapped, model):
+        try:
+            sdslora.Controller(target, opt, total_steps=T)
+        except ValueError as e:
+            errors.append(str(e))
+    return errors
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     torch.manual_seed(0)
@@ -228,6 +245,7 @@ def main() -> None:
         "ddp_perturbed_nosync": run_ddp(ref, sync=False, perturb=True),
         "fsdp": run_fsdp(ref),
         "fsdp_orthogonal": run_fsdp(reference_run(method="orthogonal"), method="orthogonal"),
+        "fsdp1_errors": fsdp1_refused(),
         "accelerate": run_accelerate(ref),
         "trainer": run_trainer(ref),  # in the same launch: process start-up dominates the test's time
     }
