@@ -432,7 +432,15 @@ def verdict(diag: Diagnostics) -> str:
     if er:
         mean_er = sum(er) / len(er)
         low = mean_er < diag.rank / 2
-        parts.append(f"effective gradient rank {mean_er:.2g} of {diag.rank}" + (" (low)" if low else ""))
+        sf = [
+            v for r in rows for v in (r.get("erank_scalefree_A"), r.get("erank_scalefree_B")) if not _nan(v)
+        ]
+        extra = (
+            f", {sum(sf) / len(sf):.2g} without the factors' scaling" if sf and diag.method != "sds" else ""
+        )
+        parts.append(
+            f"effective gradient rank {mean_er:.2g} of {diag.rank}" + (" (low)" if low else "") + extra
+        )
         bad = bad or low
     cg = diag.summary.get("cos_g_geff")
     if cg is not None:
