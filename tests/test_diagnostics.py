@@ -146,6 +146,12 @@ def test_diagnose_leaves_the_model_unchanged_also_on_error() -> None:
     with pytest.raises(RuntimeError, match="boom"):
         diagnose(adapted, batch, loss_fn=bad_loss)
     _assert_same(before, _snapshot(adapted))
+    with pytest.raises(ValueError, match="not finite"):
+        diagnose(adapted, batch, loss_fn=lambda m, b: m(**b).loss * float("nan"))
+    _assert_same(before, _snapshot(adapted))
+    adapted.merge()
+    with pytest.raises(ValueError, match="unmerge"):
+        diagnose(adapted, batch)
 
 
 def test_g_is_materialised_one_layer_at_a_time(monkeypatch) -> None:

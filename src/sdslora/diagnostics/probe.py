@@ -21,8 +21,9 @@ Per adapted layer, on one probe batch (model in eval mode: no dropout):
   ΔW from its exact low-rank export (nonzero singular values only).
 
 Memory bound: the probe batch's activations (inputs and output gradients of the hooked layers) plus, for one layer
-at a time, G and at most three further matrices of the same m×n size (G̃, the optimizer's G̃, G*), plus small factor
-matrices. Other layers' m×n matrices are never alive at the same time.
+at a time, G and at most three further matrices of the same m×n size (G̃, the optimizer's G̃, G*), one
+min(m, n)² Gram matrix (for cos(G, G_r)) and small factor matrices. Other layers' m×n matrices are never alive at
+the same time.
 
 Verdict thresholds (:func:`verdict`, ``sdslora diagnose``): factors are *well conditioned* if the median over layers
 of max(κ_A, κ_B) is < 3, *moderately* if < 10, *badly* otherwise; the effective gradient rank (mean of erank ∇_A and
@@ -339,7 +340,8 @@ def diagnose(
     removed, also on error.
 
     Raises:
-        ValueError: unknown layer names, no diagnosable layer, a loss that is not a finite scalar.
+        ValueError: unknown layer names, no diagnosable layer, merged or disabled adapter layers, a loss that is not
+            a finite scalar.
         TypeError: a batch that is not a dict without ``loss_fn``.
     """
     if not isinstance(model, nn.Module):
@@ -350,6 +352,11 @@ def diagnose(
         adapted = None
     opt = None if optimizer is None else _inner_optimizer(optimizer)
     modules = _targets(model, adapted, layers)
+    if any(getattr(m, "merged", False) or getattr(m, "disabled", False) for m in modules.values()):
+        raise ValueError(
+            "diagnose(): some adapter layers are merged or disabled, so the probe would not see the "
+            "adapter's parameterisation; call model.unmerge() (or leave disable_adapter()) first"
+        )
     method = adapted.method if adapted is not None else "full"
     loss_fn = loss_fn or default_loss
     first = next(iter(model.parameters()), None)
