@@ -167,8 +167,9 @@ class Controller:
     of ``step()`` on a micro-batch whose optimizer step was skipped is ignored, so the counter counts optimizer
     steps. Raises ``ValueError`` when ``total_steps`` is needed but missing, the optimizer does not hold the
     adapter's trainable tensors, or a method with per-step duties runs under a wrapping whose copies of the
-    adapter it cannot update (DeepSpeed ZeRO, FSDP1: use DDP or FSDP2, see docs/scaling.md). If the model was loaded from a saved adapter that carries a Controller state, the step
-    counter resumes from it (and ``total_steps`` must agree).
+    adapter it cannot update (DeepSpeed ZeRO, FSDP1: use DDP or FSDP2, see docs/scaling.md). If the model was
+    loaded from a saved adapter that carries a Controller state, the step counter resumes from it (and
+    ``total_steps`` must agree).
     """
 
     def __init__(
