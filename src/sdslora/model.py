@@ -314,13 +314,19 @@ class AdaptedModel(nn.Module):
                 layer.disabled = False
 
     def unload(self, merge: bool = False) -> nn.Module:
-        """Put the plain base modules back (merging ΔW into them first if ``merge``) and return the model."""
+        """Put the plain base modules back (merging ΔW into them first if ``merge``) and return the model.
+
+        Without ``merge`` the original base weights come back, also for methods that re-base W0 (PiSSA,
+        LoRA-GA: their residual weight is shifted back, up to rounding)."""
         self._check_live()
         for name, layer in self._layers.items():
             if merge:
                 layer.merge()
-            elif layer.merged:
-                layer.unmerge()
+            else:
+                if layer.merged:
+                    layer.unmerge()
+                if layer.rebases_base_weight and getattr(layer, "_rebased", False):
+                    layer.restore_base()  # type: ignore[attr-defined]
             _set_module(self.model, name, layer.base_layer)
         self._unloaded = True
         return self.model
