@@ -23,7 +23,8 @@ from .model import AdaptedModel
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer inside wrappers such as accelerate's ``AcceleratedOptimizer``."""
     seen = 0
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer") and seen < 8:
+    # accelerate's AcceleratedOptimizer subclasses torch.optim.Optimizer: follow `.optimizer` links regardless
+    while hasattr(getattr(optimizer, "optimizer", None), "param_groups") and seen < 8:
         optimizer = optimizer.optimizer
         seen += 1
     if not hasattr(optimizer, "state") or not hasattr(optimizer, "param_groups"):
@@ -221,6 +222,12 @@ class Controller:
                 )
         self.t = 0
         self.events: list[dict[str, Any]] = []
+        self._lr_saved: list[tuple[dict[str, Any], Any]] = []
+        if self.optimizer is not None and self.layer_cls is not None and self.layer_cls.uses_lr_factor(self.options):
+            # the method scales the adapter's learning rate by lr_factor(t) (a function of the step counter only,
+            # so a resumed run continues exactly): around every optimizer.step(), on top of any LR scheduler
+            self.optimizer.register_step_pre_hook(self._lr_pre_hook)
+            self.optimizer.register_step_post_hook(self._lr_post_hook)
         pending = self.model._pending_controller_state
         if pending:
             self.load_state_dict(pending)
@@ -241,8 +248,67 @@ class Controller:
             out = self.layer_cls.on_optimizer_step(self.layers, self.t, self.total_steps, self.options)
         if out.reset_params:
             self.reset_optimizer_state([alias.get(id(p), p) for p in out.reset_params])
+        if out.state_maps:
+            self.map_optimizer_state([(alias.get(id(p), p), left, right) for p, left, right in out.state_maps])
         self.events.extend(out.events)
         return out
+
+    # keys of torch Adam/AdamW state that hold per-element first / second moments
+    FIRST_MOMENTS = ("exp_avg", "momentum_buffer")
+    SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")
+
+    def map_optimizer_state(self, maps: list[tuple[nn.Parameter, torch.Tensor | None, torch.Tensor | None]]) -> None:
+        """Carry optimizer state into a parameter's new coordinates, in which its gradient reads
+        ``g' = L g R`` (``L``/``R`` None = identity): first moments ``m' = L m R``; second moments, exact when the
+        gradient's entries are uncorrelated, ``v' = (L∘L) v (R∘R)``; step counters kept. A state holding any other
+        tensor of the parameter's shape (an optimizer this does not know) or sharded (DTensor) is cleared instead."""
+        if self.optimizer is None:
+            return
+        dtensor = _dtensor_type()
+        with torch.no_grad():
+            for p, left, right in maps:
+                st = self.optimizer.state.get(p)
+                if not st:
+                    continue
+                known = (*self.FIRST_MOMENTS, *self.SECOND_MOMENTS)
+                unknown = [k for k, v in st.items() if torch.is_tensor(v) and v.shape == p.shape and k not in known]
+                sharded = dtensor is not None and any(isinstance(v, dtensor) for v in st.values())
+                if unknown or sharded:
+                    self.optimizer.state.pop(p, None)
+                    continue
+                for key in known:
+                    v = st.get(key)
+                    if not torch.is_tensor(v):
+                        continue
+                    sq = key in self.SECOND_MOMENTS
+                    x = v.float() if v.dtype != torch.float64 else v
+                    if left is not None:
+                        lm = left.to(x)
+                        x = (lm * lm if sq else lm) @ x
+                    if right is not None:
+                        rm = right.to(x)
+                        x = x @ (rm * rm if sq else rm)
+                    v.copy_(x.to(v.dtype))
+
+    def _lr_groups(self) -> list[dict[str, Any]]:
+        assert self.optimizer is not None
+        mine = {id(p) for layer in self.layers for p in layer.parameters(recurse=False)}
+        return [g for g in self.optimizer.param_groups if any(id(p) in mine for p in g["params"])]
+
+    def _lr_pre_hook(self, _opt: Any, _args: Any, _kwargs: Any) -> None:
+        assert self.layer_cls is not None
+        factor = float(self.layer_cls.lr_factor(self.t + 1, self.total_steps, self.options))
+        self._lr_saved = []
+        if factor == 1.0:
+            return
+        for g in self._lr_groups():
+            self._lr_saved.append((g, g["lr"]))
+            g["lr"] = g["lr"] * factor
+
+    def _lr_post_hook(self, _opt: Any, _args: Any, _kwargs: Any) -> None:
+        for g, lr in self._lr_saved:  # give the scheduler back exactly its own value
+            g["lr"] = lr
+        self._lr_saved = []
 
     def _sync_now(self) -> bool:
         if self.sync is False or dist_world_size() == 1:

@@ -130,14 +130,6 @@ def _move(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _inner_optimizer(optimizer: Any) -> Any:
-    """The torch optimizer inside wrappers (accelerate's AcceleratedOptimizer subclasses torch's Optimizer, so
-    follow ``.optimizer`` links rather than stopping at the first Optimizer instance)."""
-    seen = 0
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer) and seen < 8:
-        optimizer = optimizer.optimizer
-        seen += 1
-    return unwrap_optimizer(optimizer)
 
 
 def _targets(
@@ -350,7 +342,7 @@ def diagnose(
         adapted: AdaptedModel | None = find_adapted_model(model)
     except TypeError:
         adapted = None
-    opt = None if optimizer is None else _inner_optimizer(optimizer)
+    opt = None if optimizer is None else unwrap_optimizer(optimizer)
     modules = _targets(model, adapted, layers)
     if any(getattr(m, "merged", False) or getattr(m, "disabled", False) for m in modules.values()):
         raise ValueError(
