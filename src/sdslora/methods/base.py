@@ -66,6 +66,10 @@ class StepOutcome:
 
     reset_params: list[nn.Parameter] = field(default_factory=list)  # clear these parameters' optimizer state
     events: list[dict[str, Any]] = field(default_factory=list)  # logged records (e.g. refresh jumps)
+    # carry these parameters' optimizer state into new coordinates: (param, left, right) means the parameter's
+    # gradient now reads g' = left @ g @ right (left/right None = identity); the Controller maps first moments the
+    # same way and second moments by the element-wise squares, (left∘left) v (right∘right) (see Controller)
+    state_maps: list[tuple[nn.Parameter, torch.Tensor | None, torch.Tensor | None]] = field(default_factory=list)
 
 
 class AdapterLayer(nn.Module):
@@ -149,6 +153,18 @@ class AdapterLayer(nn.Module):
     ) -> StepOutcome:
         """Per-step duties after optimizer step ``t`` (1-based). Default: none."""
         return StepOutcome()
+
+    @classmethod
+    def uses_lr_factor(cls, options: Any) -> bool:
+        """Whether :meth:`lr_factor` can differ from 1 (then the Controller scales the adapter's learning rate)."""
+        return False
+
+    @classmethod
+    def lr_factor(cls, t: int, total_steps: int | None, options: Any) -> float:
+        """Multiplier on the learning rate of the param groups holding the adapter's parameters for optimizer step
+        ``t`` (1-based), applied by the Controller around ``optimizer.step()`` on top of any LR scheduler.
+        Default: 1."""
+        return 1.0
 
     # ---- shared mechanics -------------------------------------------------------------------------------------
     @property

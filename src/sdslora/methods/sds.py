@@ -36,6 +36,7 @@ from .base import AdapterLayer, StepOutcome
 from .lora import kaiming_a
 
 WARMUP_MODES = ("reparam", "init_phase")
+REFRESH_ALIGNS = ("qr", "procrustes", "preserve")
 
 
 @dataclass
@@ -48,6 +49,10 @@ class SDSOptions:
     warmup_mode: str = "reparam"
     init_phase_steps: int = 50
     guard_rtol: float = 1e-6
+    # robustness options (docs/sds_stability.md); the defaults are the paper's algorithm
+    refresh_align: str = "qr"
+    reparam_state: str = "reset"
+    lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 1:
@@ -65,6 +70,26 @@ class SDSOptions:
             )
         if not 0.0 <= float(self.guard_rtol) < 1.0:
             raise ValueError(f"guard_rtol must be in [0, 1), got {self.guard_rtol!r}")
+        if self.refresh_align not in REFRESH_ALIGNS:
+            raise ValueError(f"refresh_align must be one of {REFRESH_ALIGNS}, got {self.refresh_align!r}")
+        self.rewarm_steps()  # validates `reparam_state`
+        if isinstance(self.lr_scale, bool) or not isinstance(self.lr_scale, (int, float)) or not self.lr_scale > 0:
+            raise ValueError(f"lr_scale must be a number > 0, got {self.lr_scale!r}")
+
+    def rewarm_steps(self) -> int:
+        """N of ``reparam_state="rewarm:N"`` (0 for "reset" / "carry")."""
+        if self.reparam_state in ("reset", "carry"):
+            return 0
+        if isinstance(self.reparam_state, str) and self.reparam_state.startswith("rewarm:"):
+            try:
+                n = int(self.reparam_state.split(":", 1)[1])
+            except ValueError:
+                n = 0
+            if n >= 1:
+                return n
+        raise ValueError(
+            f"reparam_state must be 'reset', 'carry' or 'rewarm:N' with N >= 1, got {self.reparam_state!r}"
+        )
 
     def refresh_interval(self) -> int | None:
         """``None`` for the decaying schedule, 0 for never, N for every N steps."""
@@ -108,6 +133,12 @@ def refresh_steps(total_steps: int, opts: SDSOptions | None = None) -> list[int]
     opts = opts or SDSOptions()
     main = total_steps - opts.offset
     return [t + opts.offset for t in range(1, main + 1) if refresh_due(t, main, opts)]
+
+
+def _polar(m: torch.Tensor) -> torch.Tensor:
+    """Orthogonal polar factor U Vᵀ of a square M = U Σ Vᵀ: the rotation O maximising tr(Oᵀ M) (Procrustes)."""
+    u, _s, vh = torch.linalg.svd(m)
+    return u @ vh
 
 
 def _lowrank_fro2(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -175,6 +206,24 @@ class _TwoPhase(AdapterLayer):
         return t - off == options.warmup_steps or refresh_due(t - off, tm_total, options)
 
     @classmethod
+    def uses_lr_factor(cls, options: SDSOptions) -> bool:
+        return options.lr_scale != 1.0 or options.rewarm_steps() > 0
+
+    @classmethod
+    def lr_factor(cls, t: int, total_steps: int | None, options: SDSOptions) -> float:
+        """``lr_scale`` on every step after the re-parameterisation, times the linear re-warm
+        j/(N+1), j = 1..N, on the N steps right after it (``reparam_state="rewarm:N"``); 1 before it."""
+        tm = t - options.offset
+        if tm <= options.warmup_steps:
+            return 1.0
+        factor = float(options.lr_scale)
+        n = options.rewarm_steps()
+        j = tm - options.warmup_steps
+        if j <= n:
+            factor *= j / (n + 1)
+        return factor
+
+    @classmethod
     def on_optimizer_step(
         cls, layers: list[AdapterLayer], t: int, total_steps: int | None, options: SDSOptions
     ) -> StepOutcome:
@@ -192,12 +241,22 @@ class _TwoPhase(AdapterLayer):
         tm = t - off
         tm_total = None if total_steps is None else total_steps - off
         if tm == options.warmup_steps:
+            carry = options.reparam_state == "carry"
+            carried = 0
             for layer in layers:
-                layer._reparameterise(reset_to_zero=False)  # type: ignore[attr-defined]
-                out.reset_params += [layer.lora_A, layer.lora_B]
-            out.events.append({"step": t, "event": "reparameterise", "layers": len(layers)})
+                maps = layer._reparameterise(reset_to_zero=False, carry=carry)  # type: ignore[attr-defined]
+                if maps is None:
+                    out.reset_params += [layer.lora_A, layer.lora_B]
+                else:
+                    out.state_maps += maps
+                    carried += 1
+            event = {"step": t, "event": "reparameterise", "layers": len(layers)}
+            if carry:
+                event["state_carried"] = carried
+            out.events.append(event)
         elif refresh_due(tm, tm_total, options):
-            stats = [layer._refresh(options.guard_rtol) for layer in layers]  # type: ignore[attr-defined]
+            stats = [layer._refresh(options.guard_rtol, options.refresh_align)  # type: ignore[attr-defined]
+                     for layer in layers]
             done = [s for s in stats if s is not None]
             event: dict[str, Any] = {"step": t, "event": "refresh", "layers": len(done), "skipped": len(stats) - len(done)}
             if done:
@@ -229,13 +288,21 @@ class SDSLayer(_TwoPhase):
         return torch.cat([self.lora_QB, self.lora_B], dim=1), torch.cat([self.lora_A, self.lora_QA], dim=0)
 
     @torch.no_grad()
-    def _reparameterise(self, reset_to_zero: bool) -> None:
+    def _reparameterise(self, reset_to_zero: bool, carry: bool = False) -> list[Any] | None:
+        """Warm-up re-parameterisation (SPEC.md §1.4). With ``carry`` (from plain LoRA, A and B kept), returns the
+        optimizer-state maps into the new coordinates: with Aᵀ = Q_a R_a, B = Q_b R_b, R_b R_aᵀ = U_c Σ V_cᵀ,
+        SDS's gradients relate to LoRA's at the current point by ∇A' = U_cᵀ R_b⁻ᵀ ∇A and ∇B' = ∇B R_a⁻¹ V_c
+        (exact for the same G). Returns None (reset the state) when not carrying, or a factor is numerically
+        rank deficient (min diag|R| ≤ 1e-6 max diag|R|), or the bases already exist."""
         A, B = self.lora_A, self.lora_B
+        maps: list[Any] | None = None
         if self.decoupled:  # M = B Q_Aᵀ + Q_B A = [B | Q_B] [Q_Aᵀ ; A]
             left, right = torch.cat([B, self.lora_QB], 1), torch.cat([self.lora_QA, A], 0).T
         else:  # M = B A
             left, right = B, A.T
         u, s, v = svd_of_product(left, right, self.r)
+        if carry and not self.decoupled and not reset_to_zero:
+            maps = self._carry_maps(u, v)
         self.lora_QB.copy_(u)
         self.lora_QA.copy_(v.T)
         if reset_to_zero:
@@ -245,9 +312,30 @@ class SDSLayer(_TwoPhase):
             A.copy_(0.5 * s[:, None] * v.T)
             B.copy_(0.5 * u * s[None, :])
         self._set_decoupled()
+        return maps
+
+    def _carry_maps(self, u: torch.Tensor, v: torch.Tensor) -> list[Any] | None:
+        # LoRA: ∇A = s Bᵀ G = s R_bᵀ Q_bᵀ G, ∇B = s G Aᵀ = s G Q_a R_a; SDS with Q_B = U = Q_b U_c, Q_A = V = Q_a V_c:
+        # ∇A' = s Uᵀ G = (Uᵀ Q_b R_b⁻ᵀ) ∇A, ∇B' = s G V = ∇B (R_a⁻¹ Q_aᵀ V)
+        with torch.autocast(device_type=self.lora_A.device.type, enabled=False):
+            A, B = self.lora_A, self.lora_B
+            ct = u.dtype
+            qb, rb = torch.linalg.qr(B.to(ct), mode="reduced")
+            qa, ra = torch.linalg.qr(A.T.to(ct), mode="reduced")
+            db, da = torch.diagonal(rb).abs(), torch.diagonal(ra).abs()
+            if bool((db.min() <= 1e-6 * db.max()) | (da.min() <= 1e-6 * da.max())):
+                return None
+            left_a = torch.linalg.solve_triangular(rb, qb.T @ u, upper=True).T  # (R_b⁻¹ Q_bᵀ U)ᵀ = Uᵀ Q_b R_b⁻ᵀ
+            right_b = torch.linalg.solve_triangular(ra, qa.T @ v, upper=True)  # R_a⁻¹ Q_aᵀ V
+            return [(self.lora_A, left_a, None), (self.lora_B, None, right_b)]
 
     @torch.no_grad()
-    def _refresh(self, rtol: float) -> list[torch.Tensor] | None:
+    def _refresh(self, rtol: float, align: str = "qr") -> list[torch.Tensor] | None:
+        """Basis refresh (SPEC.md §1.5). ``align``: "qr" (the paper: sign-fixed QR bases, A and B kept);
+        "procrustes": the orthonormal basis of the new span closest to the old basis, Q' = Q_qr·polar(Q_qrᵀ Q_old)
+        (A and B kept; ΔW unchanged when the spans are); "preserve": the Procrustes bases and A, B re-expressed,
+        A' = A − (Q_B'ᵀB)(Q_A' − Q_A)ᵀ, B' = B − (Q_B' − Q_B)(A Q_A'), so that ΔW is unchanged exactly. Returns
+        (relative ΔW jump, basis similarities) or None when a factor is rank deficient (layer skipped)."""
         qb, db = qr_signfixed(self.lora_B)
         qa, da = qr_signfixed(self.lora_A.T)
         if bool((db.min() <= rtol * db.max()) | (da.min() <= rtol * da.max())):
@@ -255,14 +343,28 @@ class SDSLayer(_TwoPhase):
         ct = qa.dtype  # computation dtype of the QR (float32, or float64 for float64 adapters)
         old_qa, old_qb = self.lora_QA.to(ct), self.lora_QB.to(ct)
         A, B = self.lora_A.to(ct), self.lora_B.to(ct)
-        # ΔW jump = s[(Q_B' − Q_B) A + B (Q_A' − Q_A)ᵀ]; relative to ΔW = s[Q_B | B][A ; Q_Aᵀ]
-        jump2 = _lowrank_fro2(torch.cat([qb - old_qb, B], 1), torch.cat([A, qa.T - old_qa], 0).T)
-        norm2 = _lowrank_fro2(torch.cat([old_qb, B], 1), torch.cat([A, old_qa], 0).T)
-        jump = (jump2.clamp_min(0) / norm2.clamp_min(1e-30)).sqrt()
+        if align != "qr":
+            qa = qa @ _polar(qa.T @ old_qa.T)
+            qb = qb @ _polar(qb.T @ old_qb)
+        new_a, new_b = A, B
+        if align == "preserve":
+            new_a = A - (qb.T @ B) @ (qa.T - old_qa)
+            new_b = B - (qb - old_qb) @ (A @ qa)
+        # ΔW' − ΔW = s[(Q_B' − Q_B) A + Q_B'(A' − A) + B (Q_A' − Q_A)ᵀ + (B' − B) Q_A'ᵀ], relative to
+        # ΔW = s[Q_B | B][A ; Q_Aᵀ]; in float64 (the terms of "preserve" cancel)
+        d = torch.float64
+        left = torch.cat([qb - old_qb, qb, B, new_b - B], 1).to(d)
+        right = torch.cat([A, new_a - A, qa.T - old_qa, qa.T], 0).T.to(d)
+        jump2 = _lowrank_fro2(left, right)
+        norm2 = _lowrank_fro2(torch.cat([old_qb, B], 1).to(d), torch.cat([A, old_qa], 0).T.to(d))
+        jump = (jump2.clamp_min(0) / norm2.clamp_min(1e-30)).sqrt().to(ct)
         sim_a = (old_qa @ qa).pow(2).sum() / self.r  # ‖Q_Aᵀ Q_A'‖_F² / r
         sim_b = (old_qb.T @ qb).pow(2).sum() / self.r
         self.lora_QA.copy_(qa.T)
         self.lora_QB.copy_(qb)
+        if align == "preserve":
+            self.lora_A.copy_(new_a)
+            self.lora_B.copy_(new_b)
         return [jump, sim_a, sim_b]
 
     def extra_repr(self) -> str:
@@ -288,7 +390,8 @@ class OrthogonalLayer(_TwoPhase):
         return torch.cat([self.lora_B, self.lora_offset_B], 1), torch.cat([self.lora_A, self.lora_offset_A], 0)
 
     @torch.no_grad()
-    def _reparameterise(self, reset_to_zero: bool) -> None:
+    def _reparameterise(self, reset_to_zero: bool, carry: bool = False) -> None:
+        """Warm-up re-parameterisation; the optimizer state is always reset (``carry`` is SDS-only)."""
         A, B = self.lora_A, self.lora_B
         if self.decoupled:
             up, down = self._halves()
@@ -306,7 +409,8 @@ class OrthogonalLayer(_TwoPhase):
         self._set_decoupled()
 
     @torch.no_grad()
-    def _refresh(self, rtol: float) -> list[torch.Tensor] | None:
+    def _refresh(self, rtol: float, align: str = "qr") -> list[torch.Tensor] | None:
+        """QR retraction (``align`` is SDS-only: the retraction keeps the span)."""
         qb, db = qr_signfixed(self.lora_B)
         qa, da = qr_signfixed(self.lora_A.T)
         if bool((db.min() <= rtol * db.max()) | (da.min() <= rtol * da.max())):
