@@ -250,7 +250,12 @@ def report(results: list[tuple[str, dict[str, Any]]], args: argparse.Namespace, 
         f"Command: `{command}`",
         "",
         f"Machine: {platform.machine()} {_cpu_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, device {args.device}; date {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC.",
+        f"{torch.get_num_threads()} threads, device {args.device}; date {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC"
+        + (
+            f"; load average at the end {os.getloadavg()[0]:.1f} (a shared machine: other jobs ran alongside)."
+            if hasattr(os, "getloadavg")
+            else "."
+        ),
         "",
         "Time: forward + backward + AdamW step per optimizer step; methods interleaved round-robin, "
         f"{args.repeats} repeats x {args.steps} steps, median of the per-repeat means. SDS-LoRA is timed in its "
