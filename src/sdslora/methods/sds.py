@@ -146,6 +146,45 @@ def _lowrank_fro2(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     return ((left.T @ left) * (right.T @ right)).sum()
 
 
+class _TwoBlockLinear(torch.autograd.Function):
+    """``y = s · [u1 | u2] ([d1 ; d2] x)``: a rank-2r LoRA path whose backward keeps only x, the 2r-wide
+    intermediate and references to the four blocks (autograd through ``torch.cat`` would also save the m×2r and
+    2r×n concatenated copies every step). Gradients are computed only for the blocks that require them (A and B).
+    Under autocast the backward computes in the forward's compute dtype (that of the intermediate)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        h = F.linear(x, torch.cat([d1, d2], 0))  # [..., 2r]
+        y = F.linear(h, torch.cat([u1, u2], 1))  # [..., out]
+        ctx.save_for_backward(x, h, u1, u2, d1, d2)
+        ctx.scale = scale
+        return y * scale
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, h, u1, u2, d1, d2 = ctx.saved_tensors
+        need_x, need_u1, need_u2, need_d1, need_d2 = ctx.needs_input_grad[:5]
+        dt, r1 = h.dtype, d1.shape[0]
+        g = (gy * ctx.scale).to(dt)
+        g2, h2 = g.reshape(-1, g.shape[-1]), h.reshape(-1, h.shape[-1])
+        gx = gu1 = gu2 = gd1 = gd2 = None
+        if need_u1:
+            gu1 = (g2.T @ h2[:, :r1]).to(u1.dtype)
+        if need_u2:
+            gu2 = (g2.T @ h2[:, r1:]).to(u2.dtype)
+        if need_x or need_d1 or need_d2:
+            gh = g @ torch.cat([u1, u2], 1).to(dt)  # [..., 2r]
+            gh2, x2 = gh.reshape(-1, gh.shape[-1]), x.reshape(-1, x.shape[-1]).to(dt)
+            if need_d1:
+                gd1 = (gh2[:, :r1].T @ x2).to(d1.dtype)
+            if need_d2:
+                gd2 = (gh2[:, r1:].T @ x2).to(d2.dtype)
+            if need_x:
+                gx = (gh @ torch.cat([d1, d2], 0).to(dt)).to(x.dtype)
+        return gx, gu1, gu2, gd1, gd2, None
+
+
 class _TwoPhase(AdapterLayer):
     """Shared state of SDS and orthogonal: a LoRA warm-up phase, then a 'decoupled' phase with extra buffers."""
 
@@ -168,9 +207,14 @@ class _TwoPhase(AdapterLayer):
         self.lora_phase.fill_(1)
         self.decoupled = True
 
-    # the two rank-2r halves of the decoupled forward: ΔW = s · up @ down
-    def _halves(self) -> tuple[torch.Tensor, torch.Tensor]:
+    # the blocks of the decoupled forward: ΔW = s · [u1 | u2] @ [d1 ; d2]
+    def _blocks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(u1, u2, d1, d2)``, each r wide, with ΔW = s [u1 | u2] [d1 ; d2]."""
         raise NotImplementedError
+
+    def _halves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        u1, u2, d1, d2 = self._blocks()
+        return torch.cat([u1, u2], dim=1), torch.cat([d1, d2], dim=0)
 
     def delta_weight(self) -> torch.Tensor:
         if not self.decoupled:
@@ -182,9 +226,8 @@ class _TwoPhase(AdapterLayer):
         x = self._cast_in(x)
         if not self.decoupled:
             return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
-        up, down = self._halves()
-        # [..., in] -> [..., 2r] -> [..., out]
-        return F.linear(F.linear(x, down), up) * self.scale
+        # [..., in] -> [..., 2r] -> [..., out], saving references to the blocks rather than concatenated copies
+        return _TwoBlockLinear.apply(x, *self._blocks(), self.scale)
 
     @torch.no_grad()
     def export_lora(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,9 +326,9 @@ class SDSLayer(_TwoPhase):
         self.register_buffer("lora_QA", torch.zeros(self.r, self.in_features, dtype=self.adapter_dtype, device=dev))
         self.register_buffer("lora_QB", torch.zeros(self.out_features, self.r, dtype=self.adapter_dtype, device=dev))
 
-    def _halves(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _blocks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         # ΔW = s (Q_B A + B Q_Aᵀ) = s [Q_B | B] [A ; Q_Aᵀ]
-        return torch.cat([self.lora_QB, self.lora_B], dim=1), torch.cat([self.lora_A, self.lora_QA], dim=0)
+        return self.lora_QB, self.lora_B, self.lora_A, self.lora_QA
 
     @torch.no_grad()
     def _reparameterise(self, reset_to_zero: bool, carry: bool = False) -> list[Any] | None:
@@ -386,8 +429,9 @@ class OrthogonalLayer(_TwoPhase):
             "lora_offset_B", torch.zeros(self.out_features, self.r, dtype=self.adapter_dtype, device=dev)
         )
 
-    def _halves(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.cat([self.lora_B, self.lora_offset_B], 1), torch.cat([self.lora_A, self.lora_offset_A], 0)
+    def _blocks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # ΔW = s (B A + O_B O_A) = s [B | O_B] [A ; O_A]
+        return self.lora_B, self.lora_offset_B, self.lora_A, self.lora_offset_A
 
     @torch.no_grad()
     def _reparameterise(self, reset_to_zero: bool, carry: bool = False) -> None:
