@@ -201,7 +201,7 @@ def test_save_load_onto_fresh_original_base(tmp_path):
         assert torch.equal(output_of(loaded, batch), output_of(ours, batch))
     # post_load on a layer that is already re-based would subtract the principal part twice
     first = next(iter(ours.adapter_layers().values()))
-    with pytest.raises(RuntimeError, match="already re-based"):
+    with pytest.raises(RuntimeError, match="already shifted"):
         first.post_load()
     # restore_base undoes the re-basing: the original weight again, up to rounding
     first_name = next(iter(ours.adapter_layers()))
@@ -210,7 +210,7 @@ def test_save_load_onto_fresh_original_base(tmp_path):
     w0 = tiny_llama().get_submodule(first_name).weight.detach()
     assert float((w_res - w0).abs().max()) > 1e-3  # the principal part is not small
     torch.testing.assert_close(first.base_layer.weight, w0, rtol=0, atol=1e-6)
-    with pytest.raises(RuntimeError, match="re-based"):
+    with pytest.raises(RuntimeError, match="base weight is shifted"):
         first.restore_base()
 
 

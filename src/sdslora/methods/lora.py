@@ -51,3 +51,64 @@ class LoRALayer(AdapterLayer):
     @torch.no_grad()
     def export_lora(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scale * self.lora_B.detach().clone(), self.lora_A.detach().clone()
+
+
+class RebasedLoRALayer(LoRALayer):
+    """LoRA whose initialisation moves the frozen weight: W ← W0 − s·B0·A0 with (A, B) = (A0, B0) at the start, so
+    the output is unchanged (PiSSA, LoRA-GA). Shared mechanics: the initial factors are kept as buffers
+    ``lora_A0``/``lora_B0``; ``delta_weight()`` is relative to the ORIGINAL W0, s(BA − B0A0) (zero at the start),
+    while merging adds s·B·A to the shifted weight; the PEFT export is the exact rank-2r
+    B' = [sB | −sB0], A' = [A ; A0] relative to the original model; ``post_load()`` re-creates the shift on a fresh
+    original model and ``restore_base()`` undoes it. Subclasses set A0, B0 and call :meth:`_shift_base` (-1)."""
+
+    rebases_base_weight = True
+
+    def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any):
+        # AdapterLayer's __init__, not LoRALayer's: A and B are set by the subclass's initialisation, and drawing a
+        # random A would move the RNG that randomised SVDs (pissa_niter) use
+        AdapterLayer.__init__(self, base_layer, r, scale, dropout, dtype, options)
+        kw = {"dtype": self.adapter_dtype, "device": self.base_weight.device}
+        self.lora_A = nn.Parameter(torch.zeros(self.r, self.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, **kw))
+        self.register_buffer("lora_A0", torch.zeros(self.r, self.in_features, **kw))
+        self.register_buffer("lora_B0", torch.zeros(self.out_features, self.r, **kw))
+        self._rebased = False
+
+    @torch.no_grad()
+    def _shift_base(self, sign: float) -> None:
+        """W ← W + sign·s·B0·A0, computed in float32 (float64 stays float64) from the stored factors, cast back."""
+        w = self.base_weight
+        work = torch.float64 if w.dtype == torch.float64 else torch.float32
+        with torch.autocast(device_type=w.device.type, enabled=False):
+            offset = self.scale * (self.lora_B0.to(work) @ self.lora_A0.to(work))
+            w.copy_((w.to(work) + sign * self._to_base_layout(offset)).to(w.dtype))
+        self._rebased = sign < 0
+
+    def post_load(self) -> None:
+        """After a saved adapter's tensors are loaded onto the original model: re-create W0 − s·B0·A0."""
+        if self._rebased:
+            raise RuntimeError(
+                f"{type(self).__name__}.post_load() shifts the original weight by the loaded A0, B0, but this "
+                "layer's weight is already shifted: load adapters with sdslora.load_adapter onto a fresh original model"
+            )
+        self._shift_base(-1.0)
+
+    def restore_base(self) -> None:
+        """Undo the shift, W0 − s·B0·A0 → W0 (up to rounding), e.g. before unloading without merging.
+        Raises RuntimeError if the weight is not shifted or the layer is merged."""
+        if not self._rebased or self.merged:
+            raise RuntimeError(f"restore_base() needs an unmerged {self.method} layer whose base weight is shifted")
+        self._shift_base(1.0)
+
+    def delta_weight(self) -> torch.Tensor:
+        # relative to the original W0: s·B·A − s·B0·A0 (the frozen half carries no gradient)
+        return self.scale * (self.lora_B @ self.lora_A - self.lora_B0 @ self.lora_A0)
+
+    def delta_to_base(self) -> torch.Tensor:
+        return self.scale * (self.lora_B @ self.lora_A)
+
+    @torch.no_grad()
+    def export_lora(self) -> tuple[torch.Tensor, torch.Tensor]:
+        b = torch.cat([self.scale * self.lora_B, -self.scale * self.lora_B0], dim=1)
+        a = torch.cat([self.lora_A, self.lora_A0], dim=0)
+        return b.detach().clone(), a.detach().clone()

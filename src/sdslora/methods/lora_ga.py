@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .lora import LoRALayer
+from .lora import RebasedLoRALayer
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr")
 SCALES = ("stable", "gd", "unit", "weightS")
@@ -107,12 +107,11 @@ def lora_ga_factors(
     return a0.contiguous(), b0.contiguous()
 
 
-class LoRAGALayer(LoRALayer):
+class LoRAGALayer(RebasedLoRALayer):
     """LoRA with LoRA-GA's gradient-based initialisation and output-preserving shift of the base weight."""
 
     method = "lora_ga"
     needs_init_data = True
-    rebases_base_weight = True
 
     def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any):
         super().__init__(base_layer, r, scale, dropout, dtype, options)
@@ -121,10 +120,6 @@ class LoRAGALayer(LoRALayer):
                 f"LoRA-GA needs 2r <= min(in, out) (r={self.r}, in={self.in_features}, out={self.out_features}); "
                 "lower r or exclude this layer"
             )
-        kw = {"dtype": self.adapter_dtype, "device": self.base_weight.device}
-        self.register_buffer("lora_A0", torch.zeros(self.r, self.in_features, **kw))
-        self.register_buffer("lora_B0", torch.zeros(self.out_features, self.r, **kw))
-        self._rebased = False
 
     @torch.no_grad()
     def init_from_gradient(self, grad: torch.Tensor) -> None:
@@ -136,43 +131,3 @@ class LoRAGALayer(LoRALayer):
         self.lora_A0.copy_(self.lora_A)
         self.lora_B0.copy_(self.lora_B)
         self._shift_base(-1.0)
-
-    @torch.no_grad()
-    def _shift_base(self, sign: float) -> None:
-        """W ← W + sign·s·B0A0, computed in float32 (float64 stays float64) from the adapter-dtype factors, like
-        PEFT, and cast back to the base dtype."""
-        w = self.base_weight
-        work = torch.float64 if w.dtype == torch.float64 else torch.float32
-        with torch.autocast(device_type=w.device.type, enabled=False):
-            offset = self.scale * (self.lora_B0.to(work) @ self.lora_A0.to(work))
-            w.copy_((w.to(work) + sign * self._to_base_layout(offset)).to(w.dtype))
-        self._rebased = sign < 0
-
-    def post_load(self) -> None:
-        """After a saved adapter's tensors are loaded onto the original model: re-create W0 − s·B0A0."""
-        if self._rebased:
-            raise RuntimeError(
-                "LoRAGALayer.post_load() shifts the original weight by the loaded A0, B0, but this layer's weight is "
-                "already shifted: load adapters with sdslora.load_adapter onto a fresh original model"
-            )
-        self._shift_base(-1.0)
-
-    def restore_base(self) -> None:
-        """Undo the shift, W0 − s·B0A0 → W0 (up to rounding), e.g. before unloading without merging.
-        Raises RuntimeError if the weight is not shifted or the layer is merged."""
-        if not self._rebased or self.merged:
-            raise RuntimeError("restore_base() needs an unmerged LoRA-GA layer whose base weight is shifted")
-        self._shift_base(1.0)
-
-    def delta_weight(self) -> torch.Tensor:
-        # relative to the ORIGINAL W0 (rebases_base_weight): s·B·A − s·B0·A0, zero at initialisation
-        return self.scale * (self.lora_B @ self.lora_A - self.lora_B0 @ self.lora_A0)
-
-    def delta_to_base(self) -> torch.Tensor:
-        return self.scale * (self.lora_B @ self.lora_A)
-
-    @torch.no_grad()
-    def export_lora(self) -> tuple[torch.Tensor, torch.Tensor]:
-        b = torch.cat([self.scale * self.lora_B, -self.scale * self.lora_B0], dim=1)
-        a = torch.cat([self.lora_A, self.lora_A0], dim=0)
-        return b.detach().clone(), a.detach().clone()

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import AdapterLayer, init_deferred
-from .lora import LoRALayer
+from .base import init_deferred
+from .lora import RebasedLoRALayer
 
 
 @dataclass
@@ -62,7 +62,7 @@ def pissa_factors(
         return root[:, None] * vh, u * root[None, :]
 
 
-class PiSSALayer(LoRALayer):
+class PiSSALayer(RebasedLoRALayer):
     """PiSSA layer: LoRA on the residual weight. Buffers ``lora_A0`` [r, in], ``lora_B0`` [out, r] (the initial
     factors); the base layer's weight holds W_res = W0 − s·B0·A0 once initialised.
 
@@ -71,21 +71,13 @@ class PiSSALayer(LoRALayer):
     """
 
     method = "pissa"
-    rebases_base_weight = True
 
     def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any):
-        # AdapterLayer's __init__, not LoRALayer's: no random A to draw (the RNG stays for svd_lowrank)
-        AdapterLayer.__init__(self, base_layer, r, scale, dropout, dtype, options)
+        super().__init__(base_layer, r, scale, dropout, dtype, options)
         if not self.base_weight.is_floating_point():
             raise ValueError(
                 f"PiSSA needs a floating-point base weight (got {self.base_weight.dtype}); dequantise the model first"
             )
-        kw = {"dtype": self.adapter_dtype, "device": self.base_weight.device}
-        self.lora_A = nn.Parameter(torch.zeros(self.r, self.in_features, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, **kw))
-        self.register_buffer("lora_A0", torch.zeros(self.r, self.in_features, **kw))
-        self.register_buffer("lora_B0", torch.zeros(self.out_features, self.r, **kw))
-        self._rebased = False
         if init_deferred():
             return
         with torch.no_grad():
@@ -94,50 +86,11 @@ class PiSSALayer(LoRALayer):
             self.lora_B0.copy_(b0)
             self.lora_A.copy_(self.lora_A0)
             self.lora_B.copy_(self.lora_B0)
-        self._rebase()
+        self._shift_base(-1.0)
 
     def _linear_weight(self) -> torch.Tensor:
         w = self.base_weight
         return w.T if self.fan_in_fan_out else w
-
-    @torch.no_grad()
-    def _rebase(self, sign: float = -1.0) -> None:
-        """W ← W + sign·s·B0·A0, computed in float32 (float64 stays float64) from the stored factors, cast back."""
-        w = self.base_weight
-        ct = torch.float64 if w.dtype == torch.float64 else torch.float32
-        with torch.autocast(device_type=w.device.type, enabled=False):
-            low = (self.scale * self.lora_B0.to(ct)) @ self.lora_A0.to(ct)
-            w.copy_((w.to(ct) + sign * self._to_base_layout(low)).to(w.dtype))
-        self._rebased = sign < 0
-
-    def post_load(self) -> None:
-        if self._rebased:
-            raise RuntimeError(
-                "PiSSALayer.post_load() re-bases the original weight with the loaded A0, B0; this layer's weight is "
-                "already re-based: load adapters with sdslora.load_adapter onto a fresh original model"
-            )
-        self._rebase()
-
-    def restore_base(self) -> None:
-        """Undo the re-basing, W_res → W0 = W_res + s·B0·A0 (up to rounding), e.g. before unloading the adapter
-        without merging (``AdaptedModel.unload()`` alone leaves W_res in the model). Raises RuntimeError if the
-        weight is not re-based or the layer is merged."""
-        if not self._rebased or self.merged:
-            raise RuntimeError("restore_base() needs an unmerged PiSSA layer whose base weight is re-based")
-        self._rebase(+1.0)
-
-    def delta_weight(self) -> torch.Tensor:
-        # relative to the original W0: s·B·A − s·B0·A0 (the frozen half carries no gradient)
-        return self.scale * (self.lora_B @ self.lora_A - self.lora_B0 @ self.lora_A0)
-
-    def delta_to_base(self) -> torch.Tensor:
-        return self.scale * (self.lora_B @ self.lora_A)
-
-    @torch.no_grad()
-    def export_lora(self) -> tuple[torch.Tensor, torch.Tensor]:
-        b = torch.cat([self.scale * self.lora_B, -self.scale * self.lora_B0], dim=1)
-        a = torch.cat([self.lora_A, self.lora_A0], dim=0)
-        return b.detach().clone(), a.detach().clone()
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", niter={self.options.pissa_niter}"

@@ -132,7 +132,7 @@ class SBLayer(XSLayer):
     needs_init_data = True
 
     def _init_core(self) -> None:
-        pass  # set by init_from_gradient (fresh attach) or by the saved tensors (load)
+        """Nothing to do here: the core is set by init_from_gradient (fresh attach) or the saved tensors (load)."""
 
     @torch.no_grad()
     def init_from_gradient(self, grad: torch.Tensor) -> None:
