@@ -97,15 +97,18 @@ def demo_config(command: str = "sdslora compare") -> CompareConfig:
     sweep first. Sized for about 10 minutes on 2 CPU cores."""
     base = RunConfig(model="minilm-l6", task="mrpc", data_dir=None, targets="all-linear", exclude=["pooler"],
                      modules_to_save=["classifier"], r=8, alpha=4.0, steps=DEMO_STEPS, batch_size=16,
-                     max_length=128, diagnostics_every=25, seed=0, scheduler="cosine", eval_batch_size=64)
+                     max_length=128, diagnostics_every=30, seed=0, scheduler="cosine", eval_batch_size=64)
     return CompareConfig(base=base, methods=["lora", "sds", "full"], seeds=[0], synthetic=True, command=command)
 
 
 def for_method(base: RunConfig, method: str, **changes: Any) -> RunConfig:
     """``base`` for ``method``: method options that this method does not have are dropped (``--option`` applies
-    to every compared method that has that option, e.g. SDS-LoRA's ``warmup_steps``)."""
+    to every compared method that has that option, e.g. SDS-LoRA's ``warmup_steps``). Full fine-tuning runs without
+    diagnostics (its effective gradient is G itself)."""
     known = {f.name for f in dataclasses.fields(get_method(method).options_cls)}
     opts = {k: v for k, v in base.options.items() if k in known}
+    if method == "full":  # no factors: G̃ = G, nothing to diagnose (and probes cost ~10 steps each)
+        changes.setdefault("diagnostics_every", 0)
     return dataclasses.replace(base, method=method, options=opts, **changes)
 
 

@@ -60,7 +60,15 @@ def _smollm2_dir() -> Path:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except ImportError as e:
         raise ValueError(f"loading the GGUF needs the packages gguf and accelerate ({e}): pip install gguf") from e
+    # the GGUF tensors were dequantised on load: drop the quantizer so save_pretrained writes a plain fp32 model
+    model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
     tmp = cached.with_name(cached.name + ".partial")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
     tmp.rename(cached)

@@ -308,6 +308,22 @@ def _diagnostics_callback(probe: dict[str, torch.Tensor], every: int, path: Path
         return None
 
 
+def _quiet_logs(trainer: Any, progress: bool) -> None:
+    """Keep the Trainer's progress bar (when ``progress``) but stop it printing every per-step log dict
+    (``logging_steps=1`` feeds metrics.jsonl, which has them all)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    if progress:
+        trainer.remove_callback(ProgressCallback)
+
+        class _Bar(ProgressCallback):
+            def on_log(self, *args: Any, **kwargs: Any) -> None:
+                return None
+
+        trainer.add_callback(_Bar())
+
+
 def _build_optimizer(adapted: Any, cfg: RunConfig) -> Any:
     """None for plain AdamW (the Trainer builds it); else ``sdslora.optim.build_optimizer``."""
     if cfg.optimizer == "adamw":
@@ -447,10 +463,7 @@ def run_train(cfg: RunConfig, out: str | Path, *, progress: bool = True, train_r
     optimizer = _build_optimizer(adapted, cfg)
     trainer = Trainer(model=adapted, args=args, train_dataset=ListDataset(train_enc), data_collator=collate,
                       callbacks=callbacks, optimizers=(optimizer, None))
-    if not progress:  # without tqdm the Trainer prints every log dict; metrics.jsonl has them
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)
+    _quiet_logs(trainer, progress)
     rss0 = _peak_rss_mb()
     t0 = time.perf_counter()
     trainer.train()
