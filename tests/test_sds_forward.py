@@ -50,3 +50,42 @@ def test_autocast_backward_close_to_reference(dtype):
     for a, b in ((gx, ex), (gu2, eu2), (gd1, ed1)):
         assert torch.isfinite(a).all()
         assert (a - b).norm() / b.norm() < 3e-2
+
+
+def _sds_layers(n_layers=3, seed=0, dtype=torch.float64):
+    import copy
+
+    from torch import nn
+
+    import sdslora
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(*[nn.Linear(10, 12, dtype=dtype) for _ in range(n_layers)])
+    adapted = sdslora.attach(model, sdslora.AdapterConfig(method="sds", r=3, adapter_dtype="base"))
+    layers = list(adapted.adapter_layers().values())
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_B.normal_()
+            layer._reparameterise(reset_to_zero=False)
+            layer.lora_A.add_(0.3 * torch.randn_like(layer.lora_A))  # training moved the factors
+            layer.lora_B.add_(0.3 * torch.randn_like(layer.lora_B))
+    return layers, copy.deepcopy(layers)
+
+
+@pytest.mark.parametrize("align", ["qr", "procrustes", "preserve"])
+def test_batched_refresh_equals_one_layer_at_a_time(align):
+    from sdslora.methods.sds import SDSLayer
+
+    batched, single = _sds_layers()
+    with torch.no_grad():  # the middle layer is rank deficient: it must be skipped, the others refreshed
+        for group in (batched, single):
+            group[1].lora_B[:, 2] = 0.0
+    rows = SDSLayer._refresh_batch(batched, 1e-6, align)
+    assert rows[:, 3].tolist() == [1.0, 0.0, 1.0]
+    for i, (b, s) in enumerate(zip(batched, single)):
+        stats = s._refresh(1e-6, align)
+        assert (stats is None) == (i == 1)
+        if stats is not None:
+            torch.testing.assert_close(rows[i, :3], torch.stack(stats), rtol=1e-10, atol=1e-12)
+        for name in ("lora_QA", "lora_QB", "lora_A", "lora_B"):
+            torch.testing.assert_close(getattr(b, name), getattr(s, name), rtol=1e-12, atol=1e-12)

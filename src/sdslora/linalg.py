@@ -17,13 +17,14 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
 def qr_signfixed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reduced QR ``x = Q R`` with ``diag(R) >= 0`` (the unique QR, i.e. Gram-Schmidt of the columns).
 
-    Returns ``(Q, diag(R))`` in the computation dtype (float32, or float64 for float64 input).
+    Batched over leading dimensions. Returns ``(Q, diag(R))`` in the computation dtype (float32, or float64 for
+    float64 input).
     """
     with torch.autocast(device_type=x.device.type, enabled=False):
         q, r = torch.linalg.qr(_f32(x), mode="reduced")
-        d = torch.diagonal(r)
+        d = torch.diagonal(r, dim1=-2, dim2=-1)
         sign = torch.where(d < 0, -torch.ones_like(d), torch.ones_like(d))
-        return q * sign, d.abs()
+        return q * sign.unsqueeze(-2), d.abs()
 
 
 @torch.no_grad()

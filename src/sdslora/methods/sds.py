@@ -143,7 +143,7 @@ def _polar(m: torch.Tensor) -> torch.Tensor:
 
 def _lowrank_fro2(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """‖left @ right.T‖_F² in O((m+n)k²) without the dense product."""
-    return ((left.T @ left) * (right.T @ right)).sum()
+    return ((left.mT @ left) * (right.mT @ right)).sum((-2, -1))
 
 
 class _TwoBlockLinear(torch.autograd.Function):
@@ -237,6 +237,17 @@ class _TwoPhase(AdapterLayer):
         return self.scale * up.detach().clone(), down.detach().clone()
 
     @classmethod
+    def _refresh_batch(cls, layers: list[Any], rtol: float, align: str = "qr") -> torch.Tensor:
+        """[L, 4] rows (jump, sim_A, sim_B, refreshed) from each layer's own ``_refresh``."""
+        rows = []
+        for layer in layers:
+            s = layer._refresh(rtol, align)
+            nan = torch.full((), float("nan"))
+            rows.append(torch.stack([*(v.float().cpu() for v in s), torch.ones(())]) if s is not None
+                        else torch.stack([nan, nan, nan, torch.zeros(())]))
+        return torch.stack(rows)
+
+    @classmethod
     def requires_total_steps(cls, options: SDSOptions) -> bool:
         return options.refresh_interval() is None
 
@@ -298,12 +309,15 @@ class _TwoPhase(AdapterLayer):
                 event["state_carried"] = carried
             out.events.append(event)
         elif refresh_due(tm, tm_total, options):
-            stats = [layer._refresh(options.guard_rtol, options.refresh_align)  # type: ignore[attr-defined]
-                     for layer in layers]
-            done = [s for s in stats if s is not None]
-            event: dict[str, Any] = {"step": t, "event": "refresh", "layers": len(done), "skipped": len(stats) - len(done)}
-            if done:
-                vals = torch.stack([torch.stack(s) for s in done]).float().cpu()  # one device sync per refresh
+            groups: dict[tuple, list[Any]] = {}
+            for layer in layers:  # layers of one shape are refreshed in one batched call
+                key = (layer.in_features, layer.out_features, layer.lora_A.dtype, layer.lora_A.device)
+                groups.setdefault(key, []).append(layer)
+            rows = torch.cat([cls._refresh_batch(g, options.guard_rtol, options.refresh_align).float().cpu()
+                              for g in groups.values()])  # one device sync per group and refresh
+            vals = rows[rows[:, 3] > 0, :3]
+            event: dict[str, Any] = {"step": t, "event": "refresh", "layers": len(vals), "skipped": len(rows) - len(vals)}
+            if len(vals):
                 names = ("jump", "sim_A", "sim_B")
                 for i, n in enumerate(names):
                     col = vals[:, i]
@@ -372,43 +386,58 @@ class SDSLayer(_TwoPhase):
             right_b = torch.linalg.solve_triangular(ra, qa.T @ v, upper=True)  # R_a⁻¹ Q_aᵀ V
             return [(self.lora_A, left_a, None), (self.lora_B, None, right_b)]
 
-    @torch.no_grad()
     def _refresh(self, rtol: float, align: str = "qr") -> list[torch.Tensor] | None:
-        """Basis refresh (SPEC.md §1.5). ``align``: "qr" (the paper: sign-fixed QR bases, A and B kept);
+        """Refresh this layer alone (see :meth:`_refresh_batch`): (jump, sim_A, sim_B), or None if skipped."""
+        row = type(self)._refresh_batch([self], rtol, align)[0]
+        return None if not bool(row[3]) else [row[0], row[1], row[2]]
+
+    @classmethod
+    @torch.no_grad()
+    def _refresh_batch(cls, layers: list[Any], rtol: float, align: str = "qr") -> torch.Tensor:
+        """Basis refresh (SPEC.md §1.5) of layers of identical shape, batched (one QR call per factor for the whole
+        group, no host synchronisation). ``align``: "qr" (the paper: sign-fixed QR bases, A and B kept);
         "procrustes": the orthonormal basis of the new span closest to the old basis, Q' = Q_qr·polar(Q_qrᵀ Q_old)
         (A and B kept; ΔW unchanged when the spans are); "preserve": the Procrustes bases and A, B re-expressed,
-        A' = A − (Q_B'ᵀB)(Q_A' − Q_A)ᵀ, B' = B − (Q_B' − Q_B)(A Q_A'), so that ΔW is unchanged exactly. Returns
-        (relative ΔW jump, basis similarities) or None when a factor is rank deficient (layer skipped)."""
-        qb, db = qr_signfixed(self.lora_B)
-        qa, da = qr_signfixed(self.lora_A.T)
-        if bool((db.min() <= rtol * db.max()) | (da.min() <= rtol * da.max())):
-            return None
+        A' = A − (Q_B'ᵀB)(Q_A' − Q_A)ᵀ, B' = B − (Q_B' − Q_B)(A Q_A'), so that ΔW is unchanged exactly. A layer whose
+        factor is numerically rank deficient (min diag|R| ≤ rtol·max diag|R|) keeps its bases. Returns [L, 4]:
+        relative ΔW jump, basis similarities ‖Q_Aᵀ Q_A'‖²/r and ‖Q_Bᵀ Q_B'‖²/r, and 1 if refreshed else 0."""
+        A = torch.stack([layer.lora_A for layer in layers])  # [L, r, n]
+        B = torch.stack([layer.lora_B for layer in layers])  # [L, m, r]
+        qb, db = qr_signfixed(B)
+        qa, da = qr_signfixed(A.mT)  # [L, n, r]
+        ok = (db.amin(-1) > rtol * db.amax(-1)) & (da.amin(-1) > rtol * da.amax(-1))  # [L]
         ct = qa.dtype  # computation dtype of the QR (float32, or float64 for float64 adapters)
-        old_qa, old_qb = self.lora_QA.to(ct), self.lora_QB.to(ct)
-        A, B = self.lora_A.to(ct), self.lora_B.to(ct)
+        old_qa = torch.stack([layer.lora_QA for layer in layers]).to(ct)  # [L, r, n] = Q_Aᵀ
+        old_qb = torch.stack([layer.lora_QB for layer in layers]).to(ct)
+        A, B = A.to(ct), B.to(ct)
         if align != "qr":
-            qa = qa @ _polar(qa.T @ old_qa.T)
-            qb = qb @ _polar(qb.T @ old_qb)
-        new_a, new_b = A, B
+            qa = qa @ _polar(qa.mT @ old_qa.mT)
+            qb = qb @ _polar(qb.mT @ old_qb)
+        r = A.shape[-2]
         if align == "preserve":
-            new_a = A - (qb.T @ B) @ (qa.T - old_qa)
+            new_a = A - (qb.mT @ B) @ (qa.mT - old_qa)
             new_b = B - (qb - old_qb) @ (A @ qa)
-        # ΔW' − ΔW = s[(Q_B' − Q_B) A + Q_B'(A' − A) + B (Q_A' − Q_A)ᵀ + (B' − B) Q_A'ᵀ], relative to
-        # ΔW = s[Q_B | B][A ; Q_Aᵀ]; in float64 (the terms of "preserve" cancel)
-        d = torch.float64
-        left = torch.cat([qb - old_qb, qb, B, new_b - B], 1).to(d)
-        right = torch.cat([A, new_a - A, qa.T - old_qa, qa.T], 0).T.to(d)
+            # ΔW' − ΔW = s[(Q_B' − Q_B)A + Q_B'(A' − A) + B(Q_A' − Q_A)ᵀ + (B' − B)Q_A'ᵀ]; float64: the terms cancel
+            d = torch.float64
+            left = torch.cat([qb - old_qb, qb, B, new_b - B], -1).to(d)
+            right = torch.cat([A, new_a - A, qa.mT - old_qa, qa.mT], -2).mT.to(d)
+        else:  # ΔW' − ΔW = s[(Q_B' − Q_B)A + B(Q_A' − Q_A)ᵀ]
+            d = ct
+            left, right = torch.cat([qb - old_qb, B], -1), torch.cat([A, qa.mT - old_qa], -2).mT
         jump2 = _lowrank_fro2(left, right)
-        norm2 = _lowrank_fro2(torch.cat([old_qb, B], 1).to(d), torch.cat([A, old_qa], 0).T.to(d))
+        norm2 = _lowrank_fro2(torch.cat([old_qb, B], -1).to(d), torch.cat([A, old_qa], -2).mT.to(d))
         jump = (jump2.clamp_min(0) / norm2.clamp_min(1e-30)).sqrt().to(ct)
-        sim_a = (old_qa @ qa).pow(2).sum() / self.r  # ‖Q_Aᵀ Q_A'‖_F² / r
-        sim_b = (old_qb.T @ qb).pow(2).sum() / self.r
-        self.lora_QA.copy_(qa.T)
-        self.lora_QB.copy_(qb)
-        if align == "preserve":
-            self.lora_A.copy_(new_a)
-            self.lora_B.copy_(new_b)
-        return [jump, sim_a, sim_b]
+        sim_a = (old_qa @ qa).pow(2).sum((-2, -1)) / r
+        sim_b = (old_qb.mT @ qb).pow(2).sum((-2, -1)) / r
+        keep = ok[:, None, None]
+        new_qa, new_qb = torch.where(keep, qa.mT, old_qa), torch.where(keep, qb, old_qb)
+        for i, layer in enumerate(layers):
+            layer.lora_QA.copy_(new_qa[i])
+            layer.lora_QB.copy_(new_qb[i])
+            if align == "preserve":
+                layer.lora_A.copy_(torch.where(ok[i], new_a[i], A[i]))
+                layer.lora_B.copy_(torch.where(ok[i], new_b[i], B[i]))
+        return torch.stack([jump, sim_a, sim_b, ok.to(ct)], -1)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", decoupled={self.decoupled}"
