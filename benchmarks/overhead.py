@@ -299,8 +299,8 @@ def report(results: list[tuple[str, dict[str, Any]]], args: argparse.Namespace, 
             f"SDS - LoRA(r) memory: {_mb(res['memory'][sds]['weights'] - res['memory'][lora_r]['weights'])} MB "
             "weights (the Q buffers, as large as A and B) + "
             f"{_mb(res['memory'][sds]['activations'] - res['memory'][lora_r]['activations'])} MB saved for backward "
-            "(the concatenated halves [Q_B | B], [A ; Q_Aᵀ] and the rank-2r intermediate): a constant per layer, "
-            "(in + out)·2r values plus tokens·r, so the ratio falls towards 1 as batch x sequence grows.",
+            "(the rank-2r intermediate is r values per token wider than LoRA's; the blocks are saved by reference): "
+            "tokens·r values per layer plus the Q buffers, so the ratio falls towards 1 as batch x sequence grows.",
             "",
             "Per-repeat step times (ms): "
             + "; ".join(f"{k}: " + ", ".join(f"{x * 1e3:.0f}" for x in v) for k, v in res["repeats"].items()),
