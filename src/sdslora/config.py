@@ -99,10 +99,15 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
-        if not isinstance(data, dict):
-            raise ValueError("adapter config must be a JSON object")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown AdapterConfig field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
+        return strict_from_dict(cls, data, "AdapterConfig")
+
+
+def strict_from_dict(cls: type, data: Any, what: str) -> Any:
+    """``cls(**data)`` for a dataclass, with clear ValueErrors for a non-mapping or unknown fields."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a {what} must be a mapping of field: value, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} field(s) {unknown}; known fields: {sorted(known)}")
+    return cls(**data)

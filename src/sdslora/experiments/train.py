@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, strict_from_dict
 from ..methods import get_method
 from ..tasks import Task, file_task, get_task
 
@@ -153,13 +153,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        if not isinstance(data, dict):
-            raise ValueError("a run config must be a mapping of field: value")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown run config field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
+        return strict_from_dict(cls, data, "run config")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
