@@ -175,3 +175,13 @@ def test_steps_to_target_uses_the_running_mean():
     first = next(i for i, v in enumerate(rm) if v <= 0.5)
     assert steps_to_target(list(range(1, 7)), losses, 0.5) == first + 1
     assert steps_to_target([1, 2], [1.0, 1.0], 0.5) is None
+
+
+@pytest.mark.parametrize("method", ["lora_ga", "lora_sb"])
+def test_train_runs_data_initialised_methods(setup, method):
+    """Methods that need init_data get a few training batches from the harness (no extra flags)."""
+    d = setup[0]
+    cfg = _cfg(setup, method=method, r=2, options={})
+    res = run_train(cfg, d / f"run-{method}", progress=False)
+    assert res["steps"] == 4 and math.isfinite(res["final_train_loss"])
+    assert (d / f"run-{method}" / "peft" / "adapter_model.safetensors").is_file()

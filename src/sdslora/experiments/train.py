@@ -42,6 +42,7 @@ DEFAULT_LR = {"lora": 1e-3, "sds": 5e-4, "orthogonal": 5e-4, "full": 5e-5}
 on real models (SPEC §7); full fine-tuning uses the usual BERT-style rate. Other methods default to 5e-4."""
 FALLBACK_LR = 5e-4
 PRECISIONS = ("fp32", "bf16", "fp16")
+INIT_SAMPLES = 32  # training examples for data-driven initialisations (the SDS authors ran LoRA-GA with 32)
 RUN_FILES = ("run.json", "versions.json", "metrics.jsonl", "diagnostics.jsonl", "eval.json", "results.json",
              "done.json", "NO_ADAPTER.md", "adapter", "peft", "trainer")
 
@@ -419,12 +420,17 @@ def run_train(cfg: RunConfig, out: str | Path, *, progress: bool = True, train_r
     if save is None and task.kind == "classification":
         save = head_modules(model)
     acfg = cfg.adapter_config(save or None)
-    adapted = attach(model, acfg)
-    summary = adapted.trainable_summary()
     train_enc = encode(task, tok, train_rows, cfg.max_length)
     if not train_enc:
         raise ValueError("no training example fits max_length; raise --max-length")
     collate = Collator(tok.pad_token_id if tok.pad_token_id is not None else 0)
+    layer_cls = get_method(cfg.method).layer_cls
+    init_data = None
+    if layer_cls is not None and layer_cls.needs_init_data:  # LoRA-GA, LoRA-SB: a gradient pass over a subset
+        n, bs = min(len(train_enc), INIT_SAMPLES), max(1, min(cfg.batch_size, len(train_enc), INIT_SAMPLES))
+        init_data = [collate(train_enc[i : i + bs]) for i in range(0, n, bs)]
+    adapted = attach(model, acfg, init_data=init_data)
+    summary = adapted.trainable_summary()
     probe = collate(train_enc[: min(len(train_enc), cfg.batch_size)])
 
     use_cuda = torch.cuda.is_available()
