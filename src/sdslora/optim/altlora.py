@@ -21,13 +21,10 @@ popped by the Controller restarts without transport.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-import torch
-from torch import nn
+from torch import Tensor
 
-from .common import PairedAdamW, adamw_update, damped_solve, split_pairs
-from .scaled import precondition_A, precondition_B
+from .common import Group, LoRAPairedAdamW, adamw_update, damped_solve, precondition_A, precondition_B
 
 
 @dataclass
@@ -50,51 +47,18 @@ class AltLoRAOptions:
             raise TypeError(f"altlora option transport must be a bool, got {self.transport!r}")
 
 
-class AltLoRA(PairedAdamW):
+class AltLoRA(LoRAPairedAdamW):
     """AltLoRA over the (A, B) pairs of a LoRA model (see the module docstring).
 
-    Args:
-        model: an adapted model whose layers are LoRA-style (trainable lora_A, lora_B, ΔW = s·B·A).
-        lr, betas, eps, weight_decay: Adam hyper-parameters (decoupled weight decay).
-        delta, transport: see :class:`AltLoRAOptions`.
-
-    Raises ``ValueError`` for a model without LoRA-style layers (full fine-tuning, LoRA-XS, SDS-LoRA) or bad
-    hyper-parameters.
+    ``AltLoRA(model, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, delta=1e-6, transport=True)``:
+    Adam hyper-parameters (decoupled weight decay) and the options of :class:`AltLoRAOptions` (by keyword or by
+    position); arguments and errors as in :class:`.common.LoRAPairedAdamW`.
     """
 
     method = "altlora"
+    options_cls = AltLoRAOptions
 
-    def __init__(
-        self,
-        model: nn.Module,
-        lr: float = 2e-4,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        delta: float = 1e-6,
-        transport: bool = True,
-    ) -> None:
-        opts = AltLoRAOptions(delta, transport)
-        pairs, others = split_pairs(model, self.method)
-        super().__init__(
-            pairs,
-            others,
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            delta=opts.delta,
-            transport=opts.transport,
-        )
-
-    def pair_step(
-        self,
-        group: dict[str, Any],
-        A: torch.Tensor,
-        B: torch.Tensor,
-        grad_A: torch.Tensor,
-        grad_B: torch.Tensor,
-    ) -> None:
+    def pair_step(self, group: Group, A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor) -> None:
         delta, use_t = group["delta"], group["transport"]
         st_A, st_B = self.state[A], self.state[B]
 
@@ -102,7 +66,7 @@ class AltLoRA(PairedAdamW):
         gA = precondition_A(B, grad_A, delta)
         b_prev = st_A.get("other_prev")
 
-        def transport_A(m: torch.Tensor) -> torch.Tensor:
+        def transport_A(m: Tensor) -> Tensor:
             b = B.detach().to(m.dtype)
             return damped_solve(b.T @ b, b.T @ (b_prev.to(m.dtype) @ m), delta)
 
@@ -113,7 +77,7 @@ class AltLoRA(PairedAdamW):
         gB = precondition_B(A, grad_B, delta)
         a_prev = st_B.get("other_prev")
 
-        def transport_B(m: torch.Tensor) -> torch.Tensor:
+        def transport_B(m: Tensor) -> Tensor:
             a = A.detach().to(m.dtype)
             return damped_solve(a @ a.T, (m @ (a_prev.to(m.dtype) @ a.T)).T, delta).T
 

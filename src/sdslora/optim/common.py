@@ -14,14 +14,17 @@ Only ``.grad`` is read at ``step()`` (never modified), so gradient accumulation 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..methods.lora import LoRALayer
+
+Group = dict[str, Any]  # one param group of a paired optimizer
 
 
 @dataclass
@@ -91,9 +94,12 @@ def split_pairs(
     return pairs, others
 
 
-def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """float32 for low-precision tensors, float64 stays float64."""
-    return torch.promote_types(t.dtype, torch.float32)
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype for computing with ``tensors``: float32 for low-precision tensors, float64 stays float64."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def _eye_like(m: torch.Tensor) -> torch.Tensor:
@@ -106,6 +112,20 @@ def damped_solve(m: torch.Tensor, x: torch.Tensor, delta: float) -> torch.Tensor
     if int(info) != 0 or not bool(torch.isfinite(sol).all()):
         return x
     return sol
+
+
+def precondition_A(B: Tensor, grad_A: Tensor, delta: float) -> Tensor:
+    """(BᵀB + δI)⁻¹ ∇_A, the regularised left preconditioner of A's gradient by the Gram matrix of B (identity if
+    the solve fails); computed in float32 (float64 stays float64)."""
+    b = B.detach().to(compute_dtype(B, grad_A))
+    return damped_solve(b.T @ b, grad_A.to(b.dtype), delta)
+
+
+def precondition_B(A: Tensor, grad_B: Tensor, delta: float) -> Tensor:
+    """∇_B (AAᵀ + δI)⁻¹, the regularised right preconditioner of B's gradient by the Gram matrix of A (identity if
+    the solve fails); computed in float32 (float64 stays float64)."""
+    a = A.detach().to(compute_dtype(A, grad_B))
+    return damped_solve(a @ a.T, grad_B.to(a.dtype).T, delta).T
 
 
 def damped_pinv(m: torch.Tensor, delta: float) -> torch.Tensor:
@@ -206,14 +226,7 @@ class PairedAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **method_defaults)
         super().__init__(groups, defaults)
 
-    def pair_step(
-        self,
-        group: dict[str, Any],
-        A: torch.Tensor,
-        B: torch.Tensor,
-        grad_A: torch.Tensor,
-        grad_B: torch.Tensor,
-    ) -> None:
+    def pair_step(self, group: Group, A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor) -> None:
         raise NotImplementedError
 
     @torch.no_grad()
@@ -242,3 +255,38 @@ class PairedAdamW(torch.optim.Optimizer):
                         raise TypeError(f"{type(self).__name__} does not support sparse gradients")
                     adamw_update(p, p.grad, self.state[p], group)
         return loss
+
+
+class LoRAPairedAdamW(PairedAdamW):
+    """A :class:`PairedAdamW` built from an adapted model, with the method options of ``options_cls``.
+
+    Subclasses set ``method``, ``options_cls`` (a dataclass that validates the method options and holds their
+    defaults) and ``pair_step``; the options land in every param group under their field names.
+
+    Args:
+        model: an adapted model whose layers are LoRA-style (trainable lora_A, lora_B, ΔW = s·B·A).
+        lr, betas, eps, weight_decay: AdamW hyper-parameters (2e-4, (0.9, 0.999), 1e-8, 0.0; decoupled weight
+            decay).
+        option_args, option_kwargs: the method options, by position (in ``options_cls`` field order) or by
+            keyword, with the defaults of ``options_cls``.
+
+    Raises ``ValueError`` for a model without LoRA-style layers (full fine-tuning, LoRA-XS, SDS-LoRA; see
+    :func:`split_pairs`), bad hyper-parameters or bad options; ``TypeError`` for a model that is not an adapted
+    model, an unknown option or an option of the wrong type.
+    """
+
+    options_cls: ClassVar[type]
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 2e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *option_args: Any,
+        **option_kwargs: Any,
+    ) -> None:
+        opts = dataclasses.asdict(self.options_cls(*option_args, **option_kwargs))
+        pairs, others = split_pairs(model, self.method)
+        super().__init__(pairs, others, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **opts)

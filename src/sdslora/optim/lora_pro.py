@@ -23,27 +23,21 @@ variant is not implemented. The scale s of each layer is read from the layer (``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor
 
-from .common import PairedAdamW, adamw_update, damped_pinv, solve_sylvester_sym, split_pairs
+from .common import Group, LoRAPairedAdamW, adamw_update, compute_dtype, damped_pinv, solve_sylvester_sym
 
 
 def lora_pro_gradients(
-    A: torch.Tensor,
-    B: torch.Tensor,
-    grad_A: torch.Tensor,
-    grad_B: torch.Tensor,
-    scale: float,
-    delta: float = 1e-8,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor, scale: float, delta: float = 1e-8
+) -> tuple[Tensor, Tensor, Tensor]:
     """(g_A, g_B, X) of LoRA-Pro for one layer (see the module docstring); X = 0 at the B = 0 special case.
 
     Computed in float32 (float64 stays float64) and returned in that dtype.
     """
-    cd = torch.promote_types(torch.promote_types(A.dtype, grad_A.dtype), torch.float32)
+    cd = compute_dtype(A, grad_A)
     a, b = A.detach().to(cd), B.detach().to(cd)
     ga, gb = grad_A.to(cd), grad_B.to(cd)
     inv_s2 = 1.0 / (scale * scale)
@@ -76,43 +70,18 @@ class LoRAProOptions:
             raise ValueError(f"lora_pro option delta must be a number >= 0, got {self.delta!r}")
 
 
-class LoRAPro(PairedAdamW):
+class LoRAPro(LoRAPairedAdamW):
     """LoRA-Pro (light): LoRA-Pro factor gradients fed to per-factor AdamW (see the module docstring).
 
-    Args:
-        model: an adapted model whose layers are LoRA-style (trainable lora_A, lora_B, ΔW = s·B·A).
-        lr, betas, eps, weight_decay: AdamW hyper-parameters (decoupled weight decay).
-        delta: see :class:`LoRAProOptions`.
-
-    Raises ``ValueError`` for a model without LoRA-style layers (full fine-tuning, LoRA-XS, SDS-LoRA) or bad
-    hyper-parameters.
+    ``LoRAPro(model, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, delta=1e-8)``: AdamW
+    hyper-parameters (decoupled weight decay) and the options of :class:`LoRAProOptions` (by keyword or by
+    position); arguments and errors as in :class:`.common.LoRAPairedAdamW`.
     """
 
     method = "lora_pro"
+    options_cls = LoRAProOptions
 
-    def __init__(
-        self,
-        model: nn.Module,
-        lr: float = 2e-4,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        delta: float = 1e-8,
-    ) -> None:
-        opts = LoRAProOptions(delta)
-        pairs, others = split_pairs(model, self.method)
-        super().__init__(
-            pairs, others, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, delta=opts.delta
-        )
-
-    def pair_step(
-        self,
-        group: dict[str, Any],
-        A: torch.Tensor,
-        B: torch.Tensor,
-        grad_A: torch.Tensor,
-        grad_B: torch.Tensor,
-    ) -> None:
+    def pair_step(self, group: Group, A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor) -> None:
         g_A, g_B, _ = lora_pro_gradients(A, B, grad_A, grad_B, group["scale"], group["delta"])
         adamw_update(A, g_A, self.state[A], group)
         adamw_update(B, g_B, self.state[B], group)

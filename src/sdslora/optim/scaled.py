@@ -17,33 +17,17 @@ computes the same update as the default (it preconditions ``.grad`` in place wit
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-import torch
-from torch import nn
+from torch import Tensor
 
-from .common import PairedAdamW, adamw_update, damped_solve, split_pairs
+from .common import Group, LoRAPairedAdamW, adamw_update, precondition_A, precondition_B
 
 
 def riemannian_gradients(
-    A: torch.Tensor, B: torch.Tensor, grad_A: torch.Tensor, grad_B: torch.Tensor, delta: float = 1e-6
-) -> tuple[torch.Tensor, torch.Tensor]:
+    A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor, delta: float = 1e-6
+) -> tuple[Tensor, Tensor]:
     """(ĝ_A, ĝ_B) = ((BᵀB + δI)⁻¹∇_A, ∇_B(AAᵀ + δI)⁻¹), computed in float32 (float64 stays float64)."""
     return precondition_A(B, grad_A, delta), precondition_B(A, grad_B, delta)
-
-
-def precondition_A(B: torch.Tensor, grad_A: torch.Tensor, delta: float) -> torch.Tensor:
-    """(BᵀB + δI)⁻¹ ∇_A (identity if the solve fails)."""
-    cd = torch.promote_types(torch.promote_types(B.dtype, grad_A.dtype), torch.float32)
-    b = B.detach().to(cd)
-    return damped_solve(b.T @ b, grad_A.to(cd), delta)
-
-
-def precondition_B(A: torch.Tensor, grad_B: torch.Tensor, delta: float) -> torch.Tensor:
-    """∇_B (AAᵀ + δI)⁻¹ (identity if the solve fails)."""
-    cd = torch.promote_types(torch.promote_types(A.dtype, grad_B.dtype), torch.float32)
-    a = A.detach().to(cd)
-    return damped_solve(a @ a.T, grad_B.to(cd).T, delta).T
 
 
 @dataclass
@@ -69,53 +53,19 @@ class ScaledAdamWOptions:
                 raise TypeError(f"scaled_adamw option {name} must be a bool, got {getattr(self, name)!r}")
 
 
-class ScaledAdamW(PairedAdamW):
+class ScaledAdamW(LoRAPairedAdamW):
     """Riemannian preconditioned AdamW over the (A, B) pairs of a LoRA model (see the module docstring).
 
-    Args:
-        model: an adapted model whose layers are LoRA-style (trainable lora_A, lora_B, ΔW = s·B·A).
-        lr, betas, eps, weight_decay: AdamW hyper-parameters (decoupled weight decay).
-        delta, correct_bias, sequential: see :class:`ScaledAdamWOptions`.
-
-    Raises ``ValueError`` for a model without LoRA-style layers (full fine-tuning, LoRA-XS, SDS-LoRA) or bad
-    hyper-parameters.
+    ``ScaledAdamW(model, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, delta=1e-6, correct_bias=True,
+    sequential=False)``: AdamW hyper-parameters (decoupled weight decay) and the options of
+    :class:`ScaledAdamWOptions` (by keyword or by position); arguments and errors as in
+    :class:`.common.LoRAPairedAdamW`.
     """
 
     method = "scaled_adamw"
+    options_cls = ScaledAdamWOptions
 
-    def __init__(
-        self,
-        model: nn.Module,
-        lr: float = 2e-4,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        delta: float = 1e-6,
-        correct_bias: bool = True,
-        sequential: bool = False,
-    ) -> None:
-        opts = ScaledAdamWOptions(delta, correct_bias, sequential)
-        pairs, others = split_pairs(model, self.method)
-        super().__init__(
-            pairs,
-            others,
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            delta=opts.delta,
-            correct_bias=opts.correct_bias,
-            sequential=opts.sequential,
-        )
-
-    def pair_step(
-        self,
-        group: dict[str, Any],
-        A: torch.Tensor,
-        B: torch.Tensor,
-        grad_A: torch.Tensor,
-        grad_B: torch.Tensor,
-    ) -> None:
+    def pair_step(self, group: Group, A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor) -> None:
         delta, cb = group["delta"], group["correct_bias"]
         gA = precondition_A(B, grad_A, delta)
         if group["sequential"]:
