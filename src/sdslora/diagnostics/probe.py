@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..batches import batch_loss
 from ..control import find_adapted_model, unwrap_optimizer
 from ..methods.base import AdapterLayer, is_conv1d, layer_dims, supported_base
 from ..model import AdaptedModel, _output_embedding_names
@@ -105,19 +106,7 @@ def _mean(values: list[Any]) -> float | None:
 
 def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     """``model(**batch).loss`` (Hugging Face style)."""
-    if not isinstance(batch, Mapping):
-        raise TypeError(
-            f"the probe batch must be a dict of model inputs, got {type(batch).__name__}; "
-            "pass loss_fn(model, batch) for other batch types"
-        )
-    out = model(**batch)
-    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
-    if loss is None:
-        raise ValueError(
-            "the model returned no .loss for the probe batch: include 'labels', or pass "
-            "loss_fn(model, batch) -> scalar loss"
-        )
-    return loss
+    return batch_loss(model, batch, "probe batch")
 
 
 def _move(batch: Any, device: torch.device) -> Any:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..batches import batch_loss
 from ..methods.base import is_conv1d, supported_base
 
 REDUCTIONS = ("mean", "sum")
@@ -37,19 +38,7 @@ def _acc_dtype(w: torch.Tensor) -> torch.dtype:
 
 
 def _default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    if not isinstance(batch, Mapping):
-        raise TypeError(
-            f"init batches must be dicts of model inputs (passed as model(**batch)), got {type(batch).__name__}; "
-            "pass loss_fn(model, batch) for other batch types"
-        )
-    out = model(**batch)
-    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
-    if loss is None:
-        raise ValueError(
-            "the model returned no .loss for an init batch: include 'labels' in the batches, or pass "
-            "loss_fn(model, batch) -> scalar loss"
-        )
-    return loss
+    return batch_loss(model, batch, "init batch")
 
 
 def estimate_gradients(
