@@ -23,7 +23,14 @@ REBASES = {"pissa": True, "lora_ga": True}
 TOTAL = 30  # Controller total_steps: re-parameterisation after step 10, refresh after 12, not after 11
 STEPS = 12
 
-CASES = [(method, kind) for method in sdslora.METHODS for kind in MODELS]
+# extra rows: a registered method with options, named "method:variant" (the paper-faithful SDS-LoRA beside the default)
+VARIANTS: dict[str, dict] = {"sds:faithful": {"faithful": True}}
+CASES = [(method, kind) for method in [*sdslora.METHODS, *VARIANTS] for kind in MODELS]
+
+
+def base_method(case_method: str) -> str:
+    """The registered method of a case ("sds:faithful" -> "sds")."""
+    return case_method.split(":", 1)[0]
 
 
 def attach_supports_init_data() -> bool:
@@ -31,23 +38,23 @@ def attach_supports_init_data() -> bool:
 
 
 def needs_init_data(method: str) -> bool:
-    spec = sdslora.METHODS[method]
+    spec = sdslora.METHODS[base_method(method)]
     return bool(getattr(spec, "needs_init_data", False) or getattr(spec.layer_cls, "needs_init_data", False))
 
 
 def rebases_base(method: str) -> bool:
-    layer_cls = sdslora.METHODS[method].layer_cls
+    layer_cls = sdslora.METHODS[base_method(method)].layer_cls
     flag = getattr(layer_cls, "rebases_base_weight", None)
-    return bool(flag) if flag is not None else REBASES.get(method, False)
+    return bool(flag) if flag is not None else REBASES.get(base_method(method), False)
 
 
 def _config(method: str, kind: str) -> sdslora.AdapterConfig:
     return sdslora.AdapterConfig(
-        method=method,
+        method=base_method(method),
         r=4,
         alpha=4.0,
         modules_to_save=["classifier"] if kind == "bert" else None,
-        options=OPTIONS.get(method, {}),
+        options=VARIANTS.get(method, OPTIONS.get(method, {})),
     )
 
 
@@ -86,7 +93,7 @@ def trained(method: str, kind: str) -> sdslora.AdaptedModel:
         with torch.enable_grad():
             _TRAINED[key] = _train(method, kind)
     model, events = _TRAINED[key]
-    if method in ("sds", "orthogonal"):
+    if base_method(method) in ("sds", "orthogonal"):
         assert [e["step"] for e in events if e["event"] == "reparameterise"] == [10]
         assert [e["step"] for e in events if e["event"] == "refresh"] == [12]
         assert all(layer.decoupled for layer in model.adapter_layers().values())
@@ -122,7 +129,8 @@ def test_save_load_round_trip(case, tmp_path):
     fresh = MODELS[kind](seed=0)
     torch.manual_seed(4321)  # a different adapter initialisation on the fresh base
     loaded = sdslora.load_adapter(fresh, tmp_path / "a")
-    assert loaded.method == method
+    assert loaded.method == base_method(method)
+    assert loaded.adapter_config == model.adapter_config
     assert torch.equal(output_of(loaded, _x(kind)), out)
     ours, theirs = model.adapter_state_dict(), loaded.adapter_state_dict()
     assert sorted(ours) == sorted(theirs)
@@ -154,7 +162,7 @@ def test_gradients_exactly_on_trainable_tensors(case):
         expected |= {f"{name}.{n}" for n, p in layer.named_parameters(recurse=False) if p.requires_grad}
     if kind == "bert":
         expected |= {n for n, _ in model.model.named_parameters() if n.startswith("classifier.")}
-    if sdslora.METHODS[method].layer_cls is None:
+    if sdslora.METHODS[base_method(method)].layer_cls is None:
         expected = {n for n, _ in model.model.named_parameters()}
     trainable = {n for n, _ in model.named_trainable_parameters()}
     assert trainable == expected
@@ -210,7 +218,7 @@ def test_forward_dtypes_finite(case, mode):
 @torch.no_grad()
 def test_disable_adapter_restores_the_base(case):
     method, kind = case
-    if sdslora.METHODS[method].layer_cls is None:
+    if sdslora.METHODS[base_method(method)].layer_cls is None:
         pytest.skip(f"{method} has no adapter layers to disable")
     model = trained(method, kind)
     x = _x(kind)

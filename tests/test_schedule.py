@@ -57,10 +57,11 @@ def _run_schedule(model, total: int | None, steps: int, seed: int = 0):
 T_VALUES = [1, 5, 9, 10, 11, 12, 14, 17, 23, 40, 49, 50, 99, 100, 101, 137, 250]
 
 
+@pytest.mark.parametrize("faithful", [False, True], ids=["default", "faithful"])
 @pytest.mark.parametrize("T", T_VALUES)
-def test_decay_schedule_matches_spec(T):
+def test_decay_schedule_matches_spec(T, faithful):
     expected = spec_refresh_steps(T)
-    assert refresh_steps(T, SDSOptions()) == expected
+    assert refresh_steps(T, SDSOptions(faithful=faithful)) == expected
     if T >= 100:  # every phase visible: intervals 1, 2, 3, 4, 5 after the warm-up
         p = T // K
         for phase in range(1, K + 1):
@@ -68,7 +69,7 @@ def test_decay_schedule_matches_spec(T):
             in_phase = [t for t in expected if lo <= t < hi and t > TW]
             gaps = {b - a for a, b in zip(in_phase, in_phase[1:])}
             assert gaps == {phase}, (phase, gaps)
-    model = _layer_model()
+    model = _layer_model(faithful=faithful)
     ctl, changed, events = _run_schedule(model, T, T)
     reparam = [e["step"] for e in events if e["event"] == "reparameterise"]
     refresh = [e["step"] for e in events if e["event"] == "refresh"]
@@ -230,6 +231,48 @@ def test_optimizer_state_cleared_at_reparameterisation_only():
             assert int(opt.state[layer.lora_B]["step"]) == n_a
         assert int(opt.state[head]["step"]) == t
     assert [e["step"] for e in ctl.events if e["event"] == "refresh"] == [11, 12, 13, 14, 15]
+
+
+def _signfixed_qr(x: torch.Tensor) -> torch.Tensor:
+    q, r = torch.linalg.qr(x)
+    return q * torch.sign(torch.diagonal(r))[None, :]
+
+
+@pytest.mark.parametrize("faithful", [False, True], ids=["default", "faithful"])
+def test_what_a_refresh_does(faithful):
+    """faithful=True (SPEC §1.3/§1.5): Q_A, Q_B become the sign-fixed QR bases of the current Aᵀ and B, A and B are
+    kept, so ΔW moves. Default (``refresh_align="preserve"``): bases of the same spans, rotated to be closest to the
+    old bases, and A, B re-expressed so that ΔW does not move at all."""
+    model = _layer_model(faithful=faithful)
+    layer = next(iter(model.adapter_layers().values()))
+    assert layer.options.refresh_align == ("qr" if faithful else "preserve")
+    ctl = sdslora.Controller(model, torch.optim.SGD(model.trainable_parameters(), lr=0.0), total_steps=100)
+    ctl.step(t=TW)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # training moves A and B off the bases
+        layer.lora_A.add_(0.3 * torch.randn(layer.lora_A.shape, generator=g, dtype=torch.float64))
+        layer.lora_B.add_(0.3 * torch.randn(layer.lora_B.shape, generator=g, dtype=torch.float64))
+    A, B, delta = layer.lora_A.detach().clone(), layer.lora_B.detach().clone(), layer.delta_weight().detach().clone()
+    old_qa, old_qb = layer.lora_QA.T.clone(), layer.lora_QB.clone()
+    ctl.step(t=TW + 1)
+    qa, qb = layer.lora_QA.T, layer.lora_QB
+    proj = lambda q: q @ q.T  # noqa: E731
+    # both modes: orthonormal bases of row(A) and col(B) as they were before the refresh
+    torch.testing.assert_close(proj(qa), proj(_signfixed_qr(A.T)), rtol=0, atol=1e-12)
+    torch.testing.assert_close(proj(qb), proj(_signfixed_qr(B)), rtol=0, atol=1e-12)
+    jump = float((layer.delta_weight().detach() - delta).norm() / delta.norm())
+    if faithful:
+        torch.testing.assert_close(qa, _signfixed_qr(A.T), rtol=0, atol=1e-12)
+        torch.testing.assert_close(qb, _signfixed_qr(B), rtol=0, atol=1e-12)
+        assert torch.equal(layer.lora_A.detach(), A) and torch.equal(layer.lora_B.detach(), B)
+        assert jump > 1e-2 and ctl.events[-1]["jump_mean"] == pytest.approx(jump, rel=1e-6)
+    else:
+        assert jump < 1e-12 and ctl.events[-1]["jump_mean"] < 1e-12
+        # the closest basis of the new span to the old one: Q_newᵀ Q_old is symmetric positive definite
+        for new, old in ((qa, old_qa), (qb, old_qb)):
+            m = new.T @ old
+            torch.testing.assert_close(m, m.T, rtol=0, atol=1e-12)
+            assert float(torch.linalg.eigvalsh(m).min()) > 0
 
 
 def test_guard_skips_rank_deficient_layer():

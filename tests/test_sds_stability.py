@@ -193,10 +193,26 @@ def test_lr_factor_rewarm_and_scale_applied_around_the_step():
 
 
 @pytest.mark.parametrize("bad", [{"refresh_align": "svd"}, {"reparam_state": "rewarm:0"}, {"reparam_state": "x"},
-                                 {"lr_scale": 0.0}, {"lr_scale": True}])
+                                 {"lr_scale": 0.0}, {"lr_scale": True}, {"faithful": "yes"}])
 def test_bad_options_raise(bad):
     with pytest.raises(ValueError):
         SDSOptions(**bad)
+
+
+def test_faithful_is_the_paper_and_refuses_other_choices():
+    assert SDSOptions().refresh_align == "preserve"  # the measured default (docs/sds_stability.md)
+    paper = SDSOptions(faithful=True)
+    assert (paper.refresh_align, paper.reparam_state, paper.lr_scale) == ("qr", "reset", 1.0)
+    assert SDSOptions(faithful=True, refresh_align="qr") == paper  # restating the paper's values is fine
+    for clash in ({"refresh_align": "preserve"}, {"reparam_state": "carry"}, {"lr_scale": 0.5}):
+        with pytest.raises(ValueError, match="faithful=True is the paper's algorithm") as err:
+            SDSOptions(faithful=True, **clash)
+        assert next(iter(clash)) in str(err.value)
+    # a saved config (resolved options) parses back to the same options in both modes
+    for opts in ({}, {"faithful": True}, {"refresh_align": "qr"}):
+        cfg = sdslora.AdapterConfig(method="sds", options=opts)
+        again = sdslora.AdapterConfig.from_dict(cfg.to_dict())
+        assert again.method_options() == cfg.method_options()
 
 
 ROBUST = {"refresh_align": "procrustes", "reparam_state": "rewarm:3", "lr_scale": 0.5}

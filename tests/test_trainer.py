@@ -36,9 +36,13 @@ class Patterns(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i].clone()}
 
 
-def _model(method: str = "sds") -> sdslora.AdaptedModel:
+# SDS-LoRA as shipped (aligned, ΔW-preserving refreshes) and the paper's algorithm: both must resume exactly
+MODES = pytest.mark.parametrize("options", [{}, {"faithful": True}], ids=["default", "faithful"])
+
+
+def _model(method: str = "sds", options: dict | None = None) -> sdslora.AdaptedModel:
     # the tiny model's frozen output layer (std 0.02) keeps the logits near uniform: train it too
-    cfg = sdslora.AdapterConfig(method=method, r=4, alpha=4.0, modules_to_save=["lm_head"])
+    cfg = sdslora.AdapterConfig(method=method, r=4, alpha=4.0, modules_to_save=["lm_head"], options=options or {})
     return sdslora.attach(tiny_llama(), cfg)
 
 
@@ -85,17 +89,18 @@ def _losses(trainer: Trainer) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
 
 
-def _train(out, resume: str | None = None, **kw):
+def _train(out, resume: str | None = None, options: dict | None = None, **kw):
     torch.manual_seed(0)
-    model = _model()
+    model = _model(options=options)
     sds_cb, probe = SDSLoRACallback(), Probe()
     trainer = Trainer(model=model, args=_args(out, **kw), train_dataset=Patterns(), callbacks=[sds_cb, probe])
     trainer.train(resume_from_checkpoint=resume)
     return model, trainer, sds_cb, probe
 
 
-def test_trainer_schedule_reset_and_resume(tmp_path):
-    model, trainer, sds_cb, probe = _train(tmp_path / "run", save_strategy="steps", save_steps=15)
+@MODES
+def test_trainer_schedule_reset_and_resume(tmp_path, options):
+    model, trainer, sds_cb, probe = _train(tmp_path / "run", options=options, save_strategy="steps", save_steps=15)
     losses = _losses(trainer)
     assert sorted(losses) == list(range(1, T + 1))
     first, last = sum(losses[t] for t in (1, 2, 3)) / 3, sum(losses[t] for t in (T - 2, T - 1, T)) / 3
@@ -126,7 +131,7 @@ def test_trainer_schedule_reset_and_resume(tmp_path):
     ckpt = tmp_path / "run" / "checkpoint-15"
     assert ckpt.is_dir()
     model2, trainer2, sds_cb2, probe2 = _train(
-        tmp_path / "resumed", resume=str(ckpt), save_strategy="steps", save_steps=15
+        tmp_path / "resumed", resume=str(ckpt), options=options, save_strategy="steps", save_steps=15
     )
     losses2 = _losses(trainer2)  # the log history before the checkpoint comes back with it
     assert sorted(losses2) == list(range(1, T + 1))
@@ -161,9 +166,10 @@ def _plain_steps(model, opt, ctl, steps, losses):
         losses[t] = float(loss.detach())
 
 
-def test_plain_loop_save_load_resume(tmp_path):
+@MODES
+def test_plain_loop_save_load_resume(tmp_path, options):
     torch.manual_seed(0)
-    model = _model()
+    model = _model(options=options)
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=5e-3, weight_decay=0.0)
     ctl = sdslora.Controller(model, opt, total_steps=T)
     losses: dict[int, float] = {}

@@ -15,7 +15,8 @@ def run(args: argparse.Namespace) -> int:
     from .methods import METHODS
 
     for spec in METHODS.values():
-        opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(spec.options_cls))
+        defaults = dataclasses.asdict(spec.options_cls())  # resolved defaults (e.g. SDS's refresh_align)
+        opts = ", ".join(f"{k}={v!r}" for k, v in defaults.items())
         print(f"{spec.name:12s} {spec.description}")
         print(f"{'':12s} options: {opts or '-'}")
         print(f"{'':12s} cite: {spec.citation}")

@@ -39,9 +39,18 @@ WARMUP_MODES = ("reparam", "init_phase")
 REFRESH_ALIGNS = ("qr", "procrustes", "preserve")
 
 
+FAITHFUL = {"refresh_align": "qr", "reparam_state": "reset", "lr_scale": 1.0}
+
+
 @dataclass
 class SDSOptions:
-    """Options of ``sds`` and ``orthogonal`` (defaults: the paper's / authors' code)."""
+    """Options of ``sds`` and ``orthogonal``.
+
+    The schedule defaults are the paper's / authors' code. One default differs from the paper (docs/sds_stability.md,
+    measured): ``refresh_align="preserve"`` (refreshes re-express A and B so that ΔW does not jump). ``faithful=True``
+    is the paper's algorithm exactly (``refresh_align="qr"``, ``reparam_state="reset"``, ``lr_scale=1``); combining it
+    with another value of those three options is an error.
+    """
 
     warmup_steps: int = 10
     refresh: str = "decay"
@@ -49,12 +58,24 @@ class SDSOptions:
     warmup_mode: str = "reparam"
     init_phase_steps: int = 50
     guard_rtol: float = 1e-6
-    # robustness options (docs/sds_stability.md); the defaults are the paper's algorithm
-    refresh_align: str = "qr"
+    faithful: bool = False
+    # robustness options (docs/sds_stability.md); None = the default of the mode (`faithful` or not)
+    refresh_align: str | None = None
     reparam_state: str = "reset"
     lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.faithful, bool):
+            raise ValueError(f"faithful must be True or False, got {self.faithful!r}")
+        if self.refresh_align is None:
+            self.refresh_align = "qr" if self.faithful else "preserve"
+        if self.faithful:
+            clash = {k: getattr(self, k) for k, v in FAITHFUL.items() if getattr(self, k) != v}
+            if clash:
+                raise ValueError(
+                    f"faithful=True is the paper's algorithm ({FAITHFUL}); it cannot be combined with {clash}: "
+                    "drop faithful=True to use those options, or drop the options"
+                )
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 1:
             raise ValueError(f"warmup_steps must be an int >= 1, got {self.warmup_steps!r}")
         if not isinstance(self.refresh_k, int) or self.refresh_k < 1:
