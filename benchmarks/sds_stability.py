@@ -37,7 +37,7 @@ DATA = Path("/work/shared/data")
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "lora": ("lora", {}),
-    "faithful": ("sds", {}),
+    "faithful": ("sds", {"faithful": True}),
     "procrustes": ("sds", {"refresh_align": "procrustes"}),
     "preserve": ("sds", {"refresh_align": "preserve"}),
     "carry": ("sds", {"reparam_state": "carry"}),
@@ -144,8 +144,11 @@ def run_one(
     rank: int,
     diag_steps: tuple[int, ...],
     diagnostics: bool = True,
+    lr_scale: float = 1.0,
 ) -> dict[str, Any]:
     method, options = VARIANTS[variant]
+    if lr_scale != 1.0 and method == "sds":
+        options = {**options, "lr_scale": lr_scale}
     torch.manual_seed(seed)
     base = setup.model()
     cfg = sdslora.AdapterConfig(
@@ -191,6 +194,7 @@ def run_one(
         "variant": variant,
         "seed": seed,
         "lr": lr,
+        "lr_scale": lr_scale if method == "sds" else 1.0,
         "losses": losses,
         "eval_loss": statistics.fmean(ev),
         "refresh": [
@@ -452,6 +456,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lr-lora", type=float, default=1e-3)
     ap.add_argument("--lr-sds", type=float, default=5e-4)
+    ap.add_argument(
+        "--lr-scale",
+        type=float,
+        default=1.0,
+        help="SDS variants: lr_scale option (adapter lr multiplier after the warm-up)",
+    )
     ap.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--seq", type=int, default=None)
@@ -511,7 +521,18 @@ def main(argv: list[str] | None = None) -> int:
             batches = setup.batches(seed, args.steps)
             for v in args.variants:
                 lr = args.lr_lora if VARIANTS[v][0] == "lora" else args.lr_sds
-                r = run_one(setup, v, seed, args.steps, lr, batches, args.schedule, args.rank, diag_steps)
+                r = run_one(
+                    setup,
+                    v,
+                    seed,
+                    args.steps,
+                    lr,
+                    batches,
+                    args.schedule,
+                    args.rank,
+                    diag_steps,
+                    lr_scale=args.lr_scale,
+                )
                 runs.append(r)
                 entry["partial"] = True
                 path.write_text(json.dumps(result, indent=1))
