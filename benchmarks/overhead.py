@@ -97,11 +97,13 @@ class Runner:
         r: int,
         batch: dict[str, torch.Tensor],
         device: torch.device,
+        options: dict[str, Any] | None = None,
     ):
         self.label, self.method, self.r = label, method, r
         self.device = device
         self.batch = {k: v.to(device) for k, v in batch.items()}
-        self.model = sdslora.attach(copy.deepcopy(base).to(device), sdslora.AdapterConfig(method=method, r=r))
+        cfg = sdslora.AdapterConfig(method=method, r=r, options=options or {})
+        self.model = sdslora.attach(copy.deepcopy(base).to(device), cfg)
         self.model.train()
         self.opt = torch.optim.AdamW(self.model.trainable_parameters(), lr=1e-5, weight_decay=0.0)
         self.ctl = sdslora.Controller(self.model, self.opt, total_steps=1000)
@@ -204,6 +206,8 @@ def bench(
     ]
     if not args.no_full:
         runners.append(Runner("full", base, "full", r, batch, device))
+    # the paper's refresh (sign-fixed QR, A and B kept), timed beside the default one (ΔW-preserving)
+    faithful = Runner(f"sds faithful r={r}", base, "sds", r, batch, device, options={"faithful": True})
     for run in runners:  # warm-up (allocations, optimizer state) outside the timing
         for _ in range(args.warmup):
             run.step()
@@ -214,6 +218,7 @@ def bench(
         for run in runners[k:] + runners[:k]:
             run.timed_steps(args.steps)
         runners[1].timed_refresh()
+        faithful.timed_refresh()
         print(
             f"  [{name}] repeat {rep + 1}/{args.repeats}: "
             + ", ".join(f"{run.label} {run.times[-1] * 1e3:.0f} ms" for run in runners),
@@ -222,6 +227,7 @@ def bench(
     med = {run.label: statistics.median(run.times) for run in runners}
     sds, lora_r, lora_2r = runners[1].label, runners[0].label, runners[2].label
     refresh = statistics.median(runners[1].refresh_times)
+    refresh_faithful = statistics.median(faithful.refresh_times)
     return {
         "name": name,
         "median_step_s": med,
@@ -234,6 +240,8 @@ def bench(
         "mem_sds_lora_2r": mem[sds]["total"] / mem[lora_2r]["total"],
         "refresh_s": refresh,
         "refresh_amortised": refresh * REFRESH_RATE / med[sds],
+        "refresh_faithful_s": refresh_faithful,
+        "refresh_faithful_amortised": refresh_faithful * REFRESH_RATE / med[sds],
         "layers": len(runners[1].model.adapter_layers()),
         "labels": (lora_r, sds, lora_2r),
     }
@@ -295,6 +303,8 @@ def report(results: list[tuple[str, dict[str, Any]]], args: argparse.Namespace, 
             f"| refresh time | {res['refresh_s'] * 1e3:.2f} ms | - |",
             f"| amortised refresh / step | {100 * res['refresh_amortised']:.3f} % | <= 1 % "
             f"({ok(res['refresh_amortised'], 0.01)}) |",
+            f"| refresh time, faithful=True (QR only) | {res['refresh_faithful_s'] * 1e3:.2f} ms | - |",
+            f"| amortised refresh / step, faithful=True | {100 * res['refresh_faithful_amortised']:.3f} % | - |",
             "",
             f"SDS - LoRA(r) memory: {_mb(res['memory'][sds]['weights'] - res['memory'][lora_r]['weights'])} MB "
             "weights (the Q buffers, as large as A and B) + "

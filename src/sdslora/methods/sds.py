@@ -436,17 +436,17 @@ class SDSLayer(_TwoPhase):
             qb = qb @ _polar(qb.mT @ old_qb)
         r = A.shape[-2]
         if align == "preserve":
-            new_a = A - (qb.mT @ B) @ (qa.mT - old_qa)
-            new_b = B - (qb - old_qb) @ (A @ qa)
-            # ΔW' − ΔW = s[(Q_B' − Q_B)A + Q_B'(A' − A) + B(Q_A' − Q_A)ᵀ + (B' − B)Q_A'ᵀ]; float64: the terms cancel
-            d = torch.float64
-            left = torch.cat([qb - old_qb, qb, B, new_b - B], -1).to(d)
-            right = torch.cat([A, new_a - A, qa.mT - old_qa, qa.mT], -2).mT.to(d)
+            a_qa, qb_b = A @ qa, qb.mT @ B  # [L, r, r] each
+            new_a = A - qb_b @ (qa.mT - old_qa)
+            new_b = B - (qb - old_qb) @ a_qa
+            # ΔW' − ΔW = s[(Q_B' − Q_B) A (I − P_A') + (I − P_B') B (Q_A' − Q_A)ᵀ] for any bases (substitute A', B'):
+            # two rank-r terms whose factors (I − P)·(factor) are round-off sized, so no cancellation in ct
+            left = torch.cat([qb - old_qb, B - qb @ qb_b], -1)
+            right = torch.cat([A.mT - qa @ a_qa.mT, qa - old_qa.mT], -1)
         else:  # ΔW' − ΔW = s[(Q_B' − Q_B)A + B(Q_A' − Q_A)ᵀ]
-            d = ct
             left, right = torch.cat([qb - old_qb, B], -1), torch.cat([A, qa.mT - old_qa], -2).mT
         jump2 = _lowrank_fro2(left, right)
-        norm2 = _lowrank_fro2(torch.cat([old_qb, B], -1).to(d), torch.cat([A, old_qa], -2).mT.to(d))
+        norm2 = _lowrank_fro2(torch.cat([old_qb, B], -1), torch.cat([A, old_qa], -2).mT)
         jump = (jump2.clamp_min(0) / norm2.clamp_min(1e-30)).sqrt().to(ct)
         sim_a = (old_qa @ qa).pow(2).sum((-2, -1)) / r
         sim_b = (old_qb.mT @ qb).pow(2).sum((-2, -1)) / r
