@@ -425,7 +425,14 @@ def merge(files: list[str], out: Path, tag: str) -> int:
             m = merged["models"].setdefault(
                 name, {k: entry.get(k) for k in ("batch", "seq", "rank")} | {"runs": []}
             )
-            m["runs"] += entry["runs"]
+            seen = {(r["variant"], r["seed"], r["lr"], r.get("lr_scale", 1.0)) for r in m["runs"]}
+            for r in entry["runs"]:  # a run repeated in several files (same variant, seed, lr) counts once
+                key = (r["variant"], r["seed"], r["lr"], r.get("lr_scale", 1.0))
+                if key in seen:
+                    print(f"merge: {name} {key} repeated in {f}: kept the first")
+                    continue
+                seen.add(key)
+                m["runs"].append(r)
             if entry.get("lr_sweep"):
                 m.setdefault("lr_sweep", []).extend(entry["lr_sweep"])
     for name, m in merged["models"].items():
