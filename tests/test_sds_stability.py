@@ -3,6 +3,8 @@ re-parameterisation, learning-rate factor (re-warm, lr_scale) applied by the Con
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from models import tiny_llama
@@ -192,6 +194,41 @@ def test_lr_factor_rewarm_and_scale_applied_around_the_step():
     assert seen == pytest.approx(expected)
 
 
+def test_a_new_controller_on_the_same_optimizer_scales_the_lr_once():
+    """Re-creating the Controller on the same optimizer (a resumed or re-wired run) replaces the lr hooks."""
+    model = _linear_model(lr_scale=0.5)
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.1)
+    sdslora.Controller(model, opt, total_steps=20)
+    ctl = sdslora.Controller(model, opt, total_steps=20)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(o.param_groups[0]["lr"]))
+    for t in range(1, 5):
+        _loss(model, t).backward()
+        opt.step()
+        opt.zero_grad()
+        ctl.step()
+    assert seen == pytest.approx([0.1, 0.1, 0.05, 0.05])  # warm-up 2 steps at the lr, then x 0.5 (not x 0.25)
+    assert opt.param_groups[0]["lr"] == 0.1
+
+
+def test_lr_scale_warns_when_a_param_group_mixes_in_other_tensors():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(IN, OUT), nn.Linear(OUT, 3)).double()
+    cfg = sdslora.AdapterConfig(method="sds", r=R, target_modules=["0"], modules_to_save=["1"],
+                                options={"warmup_steps": 2, "lr_scale": 0.5})
+    model = sdslora.attach(base, cfg)
+    with pytest.warns(UserWarning, match=r"param group 0 also holds 2 non-adapter tensor\(s\).*own param group"):
+        sdslora.Controller(model, torch.optim.SGD(model.trainable_parameters(), lr=0.1), total_steps=20)
+    groups = model.trainable_param_groups(other={"lr": 0.01})
+    assert [len(g["params"]) for g in groups] == [2, 2] and groups[1]["lr"] == 0.01
+    assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in model.trainable_parameters()}
+    assert all("lora_" in n for n, p in model.named_trainable_parameters() if any(p is q for q in groups[0]["params"]))
+    opt = torch.optim.SGD(groups, lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sdslora.Controller(model, opt, total_steps=20)  # separate groups: no warning
+
+
 @pytest.mark.parametrize("bad", [{"refresh_align": "svd"}, {"reparam_state": "rewarm:0"}, {"reparam_state": "x"},
                                  {"lr_scale": 0.0}, {"lr_scale": True}, {"faithful": "yes"}])
 def test_bad_options_raise(bad):
@@ -234,6 +271,7 @@ def _steps(model, opt, ctl, steps, losses):
         losses[t] = float(loss.detach())
 
 
+@pytest.mark.filterwarnings("ignore:sds. lr_scale / rewarm")  # lm_head shares the group on purpose
 @pytest.mark.parametrize("options", [ROBUST, {"refresh_align": "preserve", "reparam_state": "carry"}])
 def test_robust_variant_resumes_exactly(tmp_path, options):
     total = 24

@@ -9,6 +9,7 @@ adapter saved by ``save_adapter``, so a resumed run continues the schedule exact
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -226,8 +227,15 @@ class Controller:
         if self.optimizer is not None and self.layer_cls is not None and self.layer_cls.uses_lr_factor(self.options):
             # the method scales the adapter's learning rate by lr_factor(t) (a function of the step counter only,
             # so a resumed run continues exactly): around every optimizer.step(), on top of any LR scheduler
-            self.optimizer.register_step_pre_hook(self._lr_pre_hook)
-            self.optimizer.register_step_post_hook(self._lr_post_hook)
+            # one set of hooks per optimizer: a new Controller on the same optimizer (re-created, resumed) replaces the
+            # previous one's, so the factor is never applied twice
+            for handle in getattr(self.optimizer, "_sdslora_lr_hooks", ()):
+                handle.remove()
+            self.optimizer._sdslora_lr_hooks = (  # type: ignore[attr-defined]
+                self.optimizer.register_step_pre_hook(self._lr_pre_hook),
+                self.optimizer.register_step_post_hook(self._lr_post_hook),
+            )
+            self._warn_mixed_lr_groups()
         pending = self.model._pending_controller_state
         if pending:
             self.load_state_dict(pending)
@@ -294,6 +302,23 @@ class Controller:
         assert self.optimizer is not None
         mine = {id(p) for layer in self.layers for p in layer.parameters(recurse=False)}
         return [g for g in self.optimizer.param_groups if any(id(p) in mine for p in g["params"])]
+
+    def _warn_mixed_lr_groups(self) -> None:
+        """The lr factor scales whole param groups: say so when a group also holds other trainable tensors."""
+        assert self.optimizer is not None
+        mine = {id(p) for layer in self.layers for p in layer.parameters(recurse=False)}
+        names = {id(p): n for n, p in self.model.named_trainable_parameters()}
+        for i, g in enumerate(self._lr_groups()):
+            others = [names.get(id(p), "?") for p in g["params"] if id(p) not in mine]
+            if others:
+                warnings.warn(
+                    f"{self.model.method}: lr_scale / rewarm scale the learning rate of whole optimizer param groups, and "
+                    f"param group {i} also holds {len(others)} non-adapter tensor(s) (e.g. {others[0]!r}), whose "
+                    "learning rate is scaled too. To keep their learning rate, give them their own param group: "
+                    "build the optimizer from model.trainable_param_groups() instead of model.trainable_parameters().",
+                    stacklevel=3,
+                )
+                return
 
     def _lr_pre_hook(self, _opt: Any, _args: Any, _kwargs: Any) -> None:
         assert self.layer_cls is not None
