@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -185,3 +186,15 @@ def test_train_runs_data_initialised_methods(setup, method):
     res = run_train(cfg, d / f"run-{method}", progress=False)
     assert res["steps"] == 4 and math.isfinite(res["final_train_loss"])
     assert (d / f"run-{method}" / "peft" / "adapter_model.safetensors").is_file()
+
+
+def test_lr_scale_scales_only_the_adapter_in_harness_runs(setup):
+    """With lr_scale the harness builds AdamW from trainable_param_groups(): the classifier keeps its lr (no
+    mixed-group warning from the Controller) and training runs."""
+    d = setup[0]
+    cfg = _cfg(setup, options={"warmup_steps": 2, "lr_scale": 0.5})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = run_train(cfg, d / "run-sds-lr-scale", progress=False)
+    assert not [w for w in caught if "lr_scale / rewarm" in str(w.message)]
+    assert res["steps"] == 4 and math.isfinite(res["final_train_loss"])

@@ -320,8 +320,12 @@ def _quiet_logs(trainer: Any, progress: bool) -> None:
 
 
 def _build_optimizer(adapted: Any, cfg: RunConfig) -> Any:
-    """None for plain AdamW (the Trainer builds it); else ``sdslora.optim.build_optimizer``."""
-    if cfg.optimizer == "adamw":
+    """None for plain AdamW (the Trainer builds it) unless the method scales the adapter's learning rate (SDS-LoRA's
+    ``lr_scale`` / ``rewarm:N``: then the adapter needs a param group of its own); else
+    ``sdslora.optim.build_optimizer``."""
+    layer_cls = get_method(cfg.method).layer_cls
+    scales_lr = layer_cls is not None and layer_cls.uses_lr_factor(adapted.adapter_config.method_options())
+    if cfg.optimizer == "adamw" and not scales_lr:
         return None
     try:
         from ..optim import build_optimizer  # type: ignore[attr-defined]

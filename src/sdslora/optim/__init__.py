@@ -47,11 +47,13 @@ def adamw_optimizer(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
 ) -> torch.optim.AdamW:
-    """``torch.optim.AdamW`` over the trainable parameters (``model.trainable_parameters()`` for an adapted
-    model, else every parameter with ``requires_grad``)."""
+    """``torch.optim.AdamW`` over the trainable parameters (for an adapted model
+    ``model.trainable_param_groups()``: the adapter's parameters and the other trainable tensors in two groups with
+    the same settings, so that a method's learning-rate factor scales only the adapter; else every parameter with
+    ``requires_grad``)."""
     _check_hparams(lr, betas, eps, weight_decay)
-    get = getattr(model, "trainable_parameters", None)
-    params = list(get()) if callable(get) else [p for p in model.parameters() if p.requires_grad]
+    groups = getattr(model, "trainable_param_groups", None)  # adapter / other groups (lr_scale scales the first)
+    params = groups() if callable(groups) else [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters to optimize")
     return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
