@@ -162,7 +162,7 @@ def run_one(
     )
     model = sdslora.attach(base, cfg)
     model.train()
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.trainable_param_groups(), lr=lr, weight_decay=0.0)  # lr_scale: adapter only
     if schedule == "cosine":
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
     else:
@@ -404,6 +404,9 @@ def plot_sweep(model_name: str, sweep: list[dict[str, Any]], out: Path) -> str:
                 lrs = sorted({e["lr"] for e in es})
                 ys = [statistics.fmean(e[metric] for e in es if e["lr"] == lr) for lr in lrs]
                 ax.semilogx(lrs, ys, marker=".", label=v)
+            grid = sorted({e["lr"] for e in sweep})
+            ax.set_xticks(grid, [f"{x:.3g}" for x in grid], rotation=45, fontsize=7)
+            ax.minorticks_off()
             ax.set(title=f"r={rank}: {metric.replace('_', ' ')}", xlabel="learning rate")
             ax.legend(fontsize=7)
     fig.suptitle(f"{model_name}: loss vs learning rate (mean over seeds)")
@@ -574,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
                                 rank,
                                 (),
                                 diagnostics=False,
+                                lr_scale=args.lr_scale,
                             )
                             final = statistics.fmean(r["losses"][-10:])
                             sweep.append(
@@ -582,6 +586,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "rank": rank,
                                     "seed": seed,
                                     "lr": lr,
+                                    "lr_scale": r["lr_scale"],
                                     "final_train": final,
                                     "eval_loss": r["eval_loss"],
                                     "losses": r["losses"],
