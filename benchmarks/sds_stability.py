@@ -411,7 +411,7 @@ def plot_sweep(model_name: str, sweep: list[dict[str, Any]], out: Path) -> str:
             ax.legend(fontsize=7)
     fig.suptitle(f"{model_name}: loss vs learning rate (mean over seeds)")
     fig.tight_layout()
-    p = out / f"sds_stability_{model_name}_lr_sweep.png"
+    p = out / f"sds_stability_{model_name}_sweep.png"
     fig.savefig(p, dpi=110)
     plt.close(fig)
     return p.name
