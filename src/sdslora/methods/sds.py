@@ -431,25 +431,31 @@ class SDSLayer(_TwoPhase):
         old_qa = torch.stack([layer.lora_QA for layer in layers]).to(ct)  # [L, r, n] = Q_Aᵀ
         old_qb = torch.stack([layer.lora_QB for layer in layers]).to(ct)
         A, B = A.to(ct), B.to(ct)
-        if align != "qr":
-            qa = qa @ _polar(qa.mT @ old_qa.mT)
-            qb = qb @ _polar(qb.mT @ old_qb)
         r = A.shape[-2]
+        # the small products every variant needs, one batched product per factor: Q_qrᵀ [factor | old basis]
+        pb = qb.mT @ torch.cat([B, old_qb], -1)  # [L, r, 2r]: (R_B | Q_qr,Bᵀ Q_B)
+        pa = qa.mT @ torch.cat([A.mT, old_qa.mT], -1)  # [L, r, 2r]: (R_A | Q_qr,Aᵀ Q_A)
+        mb, ma = pb[..., r:], pa[..., r:]
+        # basis similarity ‖Q_oldᵀ Q_new‖²/r depends only on the new span: the same for every align
+        sim_a, sim_b = ma.pow(2).sum((-2, -1)) / r, mb.pow(2).sum((-2, -1)) / r
+        if align != "qr":  # Procrustes: Q' = Q_qr·polar(Q_qrᵀ Q_old), the basis of the new span closest to the old
+            rot_a, rot_b = _polar(ma), _polar(mb)
+            qa, qb = qa @ rot_a, qb @ rot_b
         if align == "preserve":
-            a_qa, qb_b = A @ qa, qb.mT @ B  # [L, r, r] each
-            new_a = A - qb_b @ (qa.mT - old_qa)
-            new_b = B - (qb - old_qb) @ a_qa
+            qb_b = rot_b.mT @ pb[..., :r]  # Q_B'ᵀ B
+            a_qa = pa[..., :r].mT @ rot_a  # A Q_A'
+            dqa, dqb = qa.mT - old_qa, qb - old_qb
+            new_a = A - qb_b @ dqa
+            new_b = B - dqb @ a_qa
             # ΔW' − ΔW = s[(Q_B' − Q_B) A (I − P_A') + (I − P_B') B (Q_A' − Q_A)ᵀ] for any bases (substitute A', B'):
             # two rank-r terms whose factors (I − P)·(factor) are round-off sized, so no cancellation in ct
-            left = torch.cat([qb - old_qb, B - qb @ qb_b], -1)
-            right = torch.cat([A.mT - qa @ a_qa.mT, qa - old_qa.mT], -1)
+            left = torch.cat([dqb, B - qb @ qb_b], -1)
+            right = torch.cat([A.mT - qa @ a_qa.mT, dqa.mT], -1)
         else:  # ΔW' − ΔW = s[(Q_B' − Q_B)A + B(Q_A' − Q_A)ᵀ]
             left, right = torch.cat([qb - old_qb, B], -1), torch.cat([A, qa.mT - old_qa], -2).mT
         jump2 = _lowrank_fro2(left, right)
         norm2 = _lowrank_fro2(torch.cat([old_qb, B], -1), torch.cat([A, old_qa], -2).mT)
         jump = (jump2.clamp_min(0) / norm2.clamp_min(1e-30)).sqrt().to(ct)
-        sim_a = (old_qa @ qa).pow(2).sum((-2, -1)) / r
-        sim_b = (old_qb.mT @ qb).pow(2).sum((-2, -1)) / r
         keep = ok[:, None, None]
         new_qa, new_qb = torch.where(keep, qa.mT, old_qa), torch.where(keep, qb, old_qb)
         for i, layer in enumerate(layers):
