@@ -162,6 +162,16 @@ def _polar(m: torch.Tensor) -> torch.Tensor:
     return u @ vh
 
 
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """``d.copy_(s)`` for every pair (with dtype casts), as one fused call where torch has it."""
+    foreach = getattr(torch, "_foreach_copy_", None)
+    if foreach is not None:
+        foreach(dst, [s.to(d.dtype) for d, s in zip(dst, src, strict=True)])
+    else:  # pragma: no cover - older torch
+        for d, s in zip(dst, src, strict=True):
+            d.copy_(s)
+
+
 def _lowrank_fro2(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """‖left @ right.T‖_F² in O((m+n)k²) without the dense product."""
     return ((left.mT @ left) * (right.mT @ right)).sum((-2, -1))
@@ -445,25 +455,32 @@ class SDSLayer(_TwoPhase):
             qb_b = rot_b.mT @ pb[..., :r]  # Q_B'ᵀ B
             a_qa = pa[..., :r].mT @ rot_a  # A Q_A'
             dqa, dqb = qa.mT - old_qa, qb - old_qb
-            new_a = A - qb_b @ dqa
-            new_b = B - dqb @ a_qa
+            new_a = torch.baddbmm(A, qb_b, dqa, alpha=-1)  # A − (Q_B'ᵀB)(Q_A' − Q_A)ᵀ
+            new_b = torch.baddbmm(B, dqb, a_qa, alpha=-1)  # B − (Q_B' − Q_B)(A Q_A')
             # ΔW' − ΔW = s[(Q_B' − Q_B) A (I − P_A') + (I − P_B') B (Q_A' − Q_A)ᵀ] for any bases (substitute A', B'):
             # two rank-r terms whose factors (I − P)·(factor) are round-off sized, so no cancellation in ct
-            left = torch.cat([dqb, B - qb @ qb_b], -1)
-            right = torch.cat([A.mT - qa @ a_qa.mT, dqa.mT], -1)
+            left = torch.cat([dqb, torch.baddbmm(B, qb, qb_b, alpha=-1)], -1)
+            right = torch.cat([torch.baddbmm(A.mT, qa, a_qa.mT, alpha=-1), dqa.mT], -1)
         else:  # ΔW' − ΔW = s[(Q_B' − Q_B)A + B(Q_A' − Q_A)ᵀ]
             left, right = torch.cat([qb - old_qb, B], -1), torch.cat([A, qa.mT - old_qa], -2).mT
         jump2 = _lowrank_fro2(left, right)
-        norm2 = _lowrank_fro2(torch.cat([old_qb, B], -1), torch.cat([A, old_qa], -2).mT)
+        # ‖ΔW/s‖² = ‖Q_B A + B Q_Aᵀ‖² = ‖A‖² + ‖B‖² + 2⟨Q_BᵀB, A Q_A⟩ (orthonormal old bases), r×r products only
+        cross = ((old_qb.mT @ B) * (A @ old_qa.mT)).sum((-2, -1))
+        norm2 = A.pow(2).sum((-2, -1)) + B.pow(2).sum((-2, -1)) + 2 * cross
         jump = (jump2.clamp_min(0) / norm2.clamp_min(1e-30)).sqrt().to(ct)
         keep = ok[:, None, None]
         new_qa, new_qb = torch.where(keep, qa.mT, old_qa), torch.where(keep, qb, old_qb)
+        dst: list[torch.Tensor] = []
+        src: list[torch.Tensor] = []
         for i, layer in enumerate(layers):
-            layer.lora_QA.copy_(new_qa[i])
-            layer.lora_QB.copy_(new_qb[i])
-            if align == "preserve":
-                layer.lora_A.copy_(torch.where(ok[i], new_a[i], A[i]))
-                layer.lora_B.copy_(torch.where(ok[i], new_b[i], B[i]))
+            dst += [layer.lora_QA, layer.lora_QB]
+            src += [new_qa[i], new_qb[i]]
+        if align == "preserve":
+            fa, fb = torch.where(keep, new_a, A), torch.where(keep, new_b, B)
+            for i, layer in enumerate(layers):
+                dst += [layer.lora_A, layer.lora_B]
+                src += [fa[i], fb[i]]
+        _copy_all(dst, src)
         return torch.stack([jump, sim_a, sim_b, ok.to(ct)], -1)
 
     def extra_repr(self) -> str:
