@@ -12,6 +12,9 @@ Schedule (SPEC.md §1.4-§1.5, counted in optimizer steps t = 1..T):
 * later: refresh Q_A = signfix(QR(Aᵀ)), Q_B = signfix(QR(B)) when ``t mod (⌊t/⌊T/k⌋⌋ + 1) = 0`` (``refresh="decay"``,
   k = ``refresh_k`` = 5), every N steps (``"every:N"``) or never. A layer is skipped when a factor is numerically
   rank deficient: min diag|R| ≤ ``guard_rtol`` · max diag|R| (relative guard; the authors' code uses 1e-2 absolute).
+  That is the paper's refresh (``faithful=True``). The default (``refresh_align="preserve"``, docs/sds_stability.md)
+  rotates each new basis to the one of the same span closest to the old basis and re-expresses A and B in the new
+  bases, so that ΔW does not change at a refresh.
 * ``warmup_mode="init_phase"`` (SPEC.md §1.7): the first ``init_phase_steps`` steps form a separate phase in which every
   ``warmup_steps`` steps the bases are set from the SVD, A and B are reset to 0 and the optimizer state is cleared;
   the schedule above then runs on the remaining steps (step counter and T shifted by ``init_phase_steps``).
