@@ -198,3 +198,24 @@ def test_lr_scale_scales_only_the_adapter_in_harness_runs(setup):
         res = run_train(cfg, d / "run-sds-lr-scale", progress=False)
     assert not [w for w in caught if "lr_scale / rewarm" in str(w.message)]
     assert res["steps"] == 4 and math.isfinite(res["final_train_loss"])
+
+
+def test_compare_runs_variants_of_one_method_side_by_side(setup):
+    """``methods=["sds", "sds:faithful"]``: the same method with the paper's refresh as its own row and run folder;
+    the variant's options are added to the shared ones (warmup_steps) and validated."""
+    d = setup[0]
+    cc = CompareConfig(base=_cfg(setup, steps=3, diagnostics_every=0), methods=["sds", "sds:faithful"], seeds=[0])
+    out = d / "cmp-variants"
+    run_compare(cc, out, progress=False)
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["groups"]) == {"sds", "sds:faithful"}
+    assert "| sds:faithful |" in (out / "report.md").read_text()
+    cfgs = {p.parent.name: json.loads(p.read_text())["config"] for p in (out / "runs").rglob("done.json")}
+    assert set(cfgs) == {"sds-r8-s0", "sds-faithful-r8-s0"}
+    assert cfgs["sds-faithful-r8-s0"]["method"] == "sds"
+    assert cfgs["sds-faithful-r8-s0"]["options"] == {"warmup_steps": 2, "faithful": True}
+    assert cfgs["sds-r8-s0"]["options"] == {"warmup_steps": 2}
+    for bad, match in (("sds:bogus", "unknown option"), ("sds:", "names no option"),
+                       ("sds:faithful+lr_scale=0.5", "faithful=True")):
+        with pytest.raises(ValueError, match=match):
+            CompareConfig(base=_cfg(setup), methods=["lora", bad])

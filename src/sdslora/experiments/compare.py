@@ -101,15 +101,35 @@ def demo_config(command: str = "sdslora compare") -> CompareConfig:
     return CompareConfig(base=base, methods=["lora", "sds", "full"], seeds=[0], synthetic=True, command=command)
 
 
+def parse_method(label: str) -> tuple[str, dict[str, Any]]:
+    """``"sds"`` -> ("sds", {}); a variant ``"sds:faithful"`` -> ("sds", {"faithful": True});
+    ``"sds:lr_scale=0.35+refresh_align=qr"`` -> ("sds", {"lr_scale": 0.35, "refresh_align": "qr"}). A bare key
+    means True; values are parsed like ``--option`` values. The options are validated against the method's."""
+    from ..cli_train import parse_value
+
+    name, sep, variant = label.partition(":")
+    spec = get_method(name.strip())  # unknown method -> ValueError listing the methods
+    opts: dict[str, Any] = {}
+    for item in filter(None, (x.strip() for x in variant.split("+"))):
+        key, eq, value = item.partition("=")
+        opts[key.strip()] = parse_value(value) if eq else True
+    if sep and not opts:
+        raise ValueError(f"method variant {label!r} names no option: use e.g. 'sds:faithful' or 'sds:lr_scale=0.35'")
+    spec.parse_options(opts)  # unknown option / bad value -> ValueError naming it
+    return spec.name, opts
+
+
 def for_method(base: RunConfig, method: str, **changes: Any) -> RunConfig:
-    """``base`` for ``method``: method options that this method does not have are dropped (``--option`` applies
-    to every compared method that has that option, e.g. SDS-LoRA's ``warmup_steps``). Full fine-tuning runs without
+    """``base`` for ``method`` (a method name or a variant ``name:key=value+...``, see :func:`parse_method`): method
+    options that this method does not have are dropped (``--option`` applies to every compared method that has that
+    option, e.g. SDS-LoRA's ``warmup_steps``), then the variant's options are set. Full fine-tuning runs without
     diagnostics (its effective gradient is G itself)."""
-    known = {f.name for f in dataclasses.fields(get_method(method).options_cls)}
-    opts = {k: v for k, v in base.options.items() if k in known}
-    if method == "full":  # no factors: G̃ = G, nothing to diagnose (and probes cost ~10 steps each)
+    name, variant = parse_method(method)
+    known = {f.name for f in dataclasses.fields(get_method(name).options_cls)}
+    opts = {k: v for k, v in base.options.items() if k in known} | variant
+    if name == "full":  # no factors: G̃ = G, nothing to diagnose (and probes cost ~10 steps each)
         changes.setdefault("diagnostics_every", 0)
-    return dataclasses.replace(base, method=method, options=opts, **changes)
+    return dataclasses.replace(base, method=name, options=opts, **changes)
 
 
 def _split_validation(rows: list[dict[str, Any]], fraction: float, cap: int) -> tuple[list, list]:
@@ -121,8 +141,13 @@ def _split_validation(rows: list[dict[str, Any]], fraction: float, cap: int) -> 
     return rest, val
 
 
+def _safe(method: str) -> str:
+    """A method label as a folder name ("sds:lr_scale=0.35" -> "sds-lr_scale0.35")."""
+    return method.replace(":", "-").replace("+", "-").replace("=", "")
+
+
 def _run_name(method: str, r: int, seed: int) -> str:
-    return f"{method}-r{r}-s{seed}" if method != "full" else f"full-s{seed}"
+    return f"{_safe(method)}-r{r}-s{seed}" if method != "full" else f"full-s{seed}"
 
 
 def _check_out(out: Path) -> None:
@@ -170,6 +195,7 @@ def run_compare(cc: CompareConfig, out: str | Path, *, progress: bool = True) ->
         bar.set_postfix_str(name)
         res = run_train(cfg, out / "runs" / name, progress=progress, train_rows=train_rows, eval_rows=eval_rows)
         res["run"] = name
+        res["method"] = method  # the label the report groups by (a variant such as "sds:faithful" keeps its name)
         results.append(res)
         bar.update(1)
     bar.close()
@@ -196,7 +222,7 @@ def _choose_lrs(cc: CompareConfig, out: Path, train_rows: list, progress: bool
             scores = {}
             for lr in cc.lr_sweep:
                 cfg = for_method(cc.base, m, lr=float(lr), seed=cc.seeds[0])
-                res = run_train(cfg, out / "sweep" / f"{m}-lr{lr:g}", progress=progress, train_rows=rest,
+                res = run_train(cfg, out / "sweep" / f"{_safe(m)}-lr{lr:g}", progress=progress, train_rows=rest,
                                 eval_rows=val)
                 scores[f"{lr:g}"] = res["eval"][res["primary_metric"]]
             best = max(scores, key=lambda k: (scores[k], -float(k)))
