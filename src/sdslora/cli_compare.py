@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="compare methods x seeds (x ranks) on one task and write a report "
                                        "(no arguments: the MiniLM/MRPC demo)")
     add_run_arguments(p, grid=True)
-    p.add_argument("--methods", help="comma-separated methods (default lora,sds,full)")
+    p.add_argument("--methods", help="comma-separated methods (default lora,sds,full); a variant of a method is "
+                   "name:key=value+key=value, e.g. sds:faithful (a bare key means true)")
     p.add_argument("--seeds", help="comma-separated seeds (default 0,1; demo: 0)")
     p.add_argument("--ranks", help="comma-separated ranks (default 8)")
     p.add_argument("--lr", action="append", dest="method_lr", metavar="METHOD=LR", help="learning rate of a method (repeatable); "
