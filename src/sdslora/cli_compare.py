@@ -59,11 +59,11 @@ def build_compare_config(args: argparse.Namespace, argv_text: str) -> tuple[obje
         cc.ranks = [int(s) for s in _csv(args.ranks)]
     lrs: dict[str, float] = {}
     for item in args.method_lr or []:
-        m, sep, v = item.partition("=")
+        m, sep, v = item.rpartition("=")  # the last "=": a variant label may hold "=" itself
         if sep:
             lrs[m.strip()] = float(v)
         else:
-            cc.base = dataclasses.replace(cc.base, lr=float(m))
+            cc.base = dataclasses.replace(cc.base, lr=float(v))
     cc.lrs = lrs
     if args.lr_sweep:
         cc.lr_sweep = [float(x) for x in _csv(args.lr_sweep)]
