@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
+
+from .config import parse_value
 
 # flag -> RunConfig field, for flags whose value is stored as given
 _FIELDS = ("model", "task", "train_file", "eval_file", "format", "data_dir", "method", "r", "alpha", "scaling",
            "dropout", "optimizer", "lr", "steps", "epochs", "batch_size", "grad_accum", "seed", "precision",
            "scheduler", "warmup_ratio", "weight_decay", "max_length", "diagnostics_every", "train_limit",
            "eval_limit", "eval_mode", "max_new_tokens", "eval_batch_size")
-
-
-def parse_value(text: str) -> Any:
-    """``key=value`` values: JSON when it parses (numbers, true/false, lists), else the string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def parse_options(items: list[str] | None) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,3 +112,12 @@ def strict_from_dict(cls: type, data: Any, what: str) -> Any:
     if unknown:
         raise ValueError(f"unknown {what} field(s) {unknown}; known fields: {sorted(known)}")
     return cls(**data)
+
+
+def parse_value(text: str) -> Any:
+    """An option value written as text (``--option key=value``, ``sds:key=value``): JSON when it parses (numbers,
+    true/false, lists), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text

@@ -300,13 +300,12 @@ class Controller:
 
     def _lr_groups(self) -> list[dict[str, Any]]:
         assert self.optimizer is not None
-        mine = {id(p) for layer in self.layers for p in layer.parameters(recurse=False)}
+        mine = {id(p) for p in self.model.adapter_parameters()}
         return [g for g in self.optimizer.param_groups if any(id(p) in mine for p in g["params"])]
 
     def _warn_mixed_lr_groups(self) -> None:
         """The lr factor scales whole param groups: say so when a group also holds other trainable tensors."""
-        assert self.optimizer is not None
-        mine = {id(p) for layer in self.layers for p in layer.parameters(recurse=False)}
+        mine = {id(p) for p in self.model.adapter_parameters()}
         names = {id(p): n for n, p in self.model.named_trainable_parameters()}
         for i, g in enumerate(self._lr_groups()):
             others = [names.get(id(p), "?") for p in g["params"] if id(p) not in mine]

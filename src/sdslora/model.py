@@ -248,13 +248,17 @@ class AdaptedModel(nn.Module):
         """The parameters to give the optimizer."""
         return [p for _, p in self.named_trainable_parameters()]
 
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The adapter layers' own parameters (factors, DoRA's magnitude, ...), without ``modules_to_save``."""
+        return [p for layer in self._layers.values() for p in layer.parameters(recurse=False)]
+
     def trainable_param_groups(self, adapter: dict[str, Any] | None = None,
                                other: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """Optimizer param groups: the adapter layers' own parameters (factors, DoRA's magnitude, ...) in one group,
         the other trainable tensors (``modules_to_save``) in a second, each with its extra settings, e.g.
         ``AdamW(model.trainable_param_groups(other={"lr": 1e-4}), lr=1e-3)``. Empty groups are left out. Use it
         when a method scales the adapter's learning rate (SDS-LoRA's ``lr_scale``) and the rest should keep theirs."""
-        mine = {id(p) for layer in self._layers.values() for p in layer.parameters(recurse=False)}
+        mine = {id(p) for p in self.adapter_parameters()}
         params = [p for _n, p in self.named_trainable_parameters()]
         groups = [
             {"params": [p for p in params if id(p) in mine], **(adapter or {})},

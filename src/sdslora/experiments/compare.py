@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..config import parse_value
 from ..methods import get_method
 from .train import RunConfig, RunDirError, prepare_data, run_train, versions, write_json
 
@@ -105,8 +106,6 @@ def parse_method(label: str) -> tuple[str, dict[str, Any]]:
     """``"sds"`` -> ("sds", {}); a variant ``"sds:faithful"`` -> ("sds", {"faithful": True});
     ``"sds:lr_scale=0.35+refresh_align=qr"`` -> ("sds", {"lr_scale": 0.35, "refresh_align": "qr"}). A bare key
     means True; values are parsed like ``--option`` values. The options are validated against the method's."""
-    from ..cli_train import parse_value
-
     name, sep, variant = label.partition(":")
     spec = get_method(name.strip())  # unknown method -> ValueError listing the methods
     opts: dict[str, Any] = {}

@@ -165,16 +165,6 @@ def _polar(m: torch.Tensor) -> torch.Tensor:
     return u @ vh
 
 
-def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
-    """``d.copy_(s)`` for every pair (with dtype casts), as one fused call where torch has it."""
-    foreach = getattr(torch, "_foreach_copy_", None)
-    if foreach is not None:
-        foreach(dst, [s.to(d.dtype) for d, s in zip(dst, src, strict=True)])
-    else:  # pragma: no cover - older torch
-        for d, s in zip(dst, src, strict=True):
-            d.copy_(s)
-
-
 def _lowrank_fro2(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """‖left @ right.T‖_F² in O((m+n)k²) without the dense product."""
     return ((left.mT @ left) * (right.mT @ right)).sum((-2, -1))
@@ -454,10 +444,10 @@ class SDSLayer(_TwoPhase):
         if align != "qr":  # Procrustes: Q' = Q_qr·polar(Q_qrᵀ Q_old), the basis of the new span closest to the old
             rot_a, rot_b = _polar(ma), _polar(mb)
             qa, qb = qa @ rot_a, qb @ rot_b
+        dqa, dqb = qa.mT - old_qa, qb - old_qb  # Q_A' − Q_A (transposed, as stored), Q_B' − Q_B
         if align == "preserve":
             qb_b = rot_b.mT @ pb[..., :r]  # Q_B'ᵀ B
             a_qa = pa[..., :r].mT @ rot_a  # A Q_A'
-            dqa, dqb = qa.mT - old_qa, qb - old_qb
             new_a = torch.baddbmm(A, qb_b, dqa, alpha=-1)  # A − (Q_B'ᵀB)(Q_A' − Q_A)ᵀ
             new_b = torch.baddbmm(B, dqb, a_qa, alpha=-1)  # B − (Q_B' − Q_B)(A Q_A')
             # ΔW' − ΔW = s[(Q_B' − Q_B) A (I − P_A') + (I − P_B') B (Q_A' − Q_A)ᵀ] for any bases (substitute A', B'):
@@ -465,7 +455,7 @@ class SDSLayer(_TwoPhase):
             left = torch.cat([dqb, torch.baddbmm(B, qb, qb_b, alpha=-1)], -1)
             right = torch.cat([torch.baddbmm(A.mT, qa, a_qa.mT, alpha=-1), dqa.mT], -1)
         else:  # ΔW' − ΔW = s[(Q_B' − Q_B)A + B(Q_A' − Q_A)ᵀ]
-            left, right = torch.cat([qb - old_qb, B], -1), torch.cat([A, qa.mT - old_qa], -2).mT
+            left, right = torch.cat([dqb, B], -1), torch.cat([A, dqa], -2).mT
         jump2 = _lowrank_fro2(left, right)
         # ‖ΔW/s‖² = ‖Q_B A + B Q_Aᵀ‖² = ‖A‖² + ‖B‖² + 2⟨Q_BᵀB, A Q_A⟩ (orthonormal old bases), r×r products only
         cross = ((old_qb.mT @ B) * (A @ old_qa.mT)).sum((-2, -1))
@@ -483,7 +473,7 @@ class SDSLayer(_TwoPhase):
             for i, layer in enumerate(layers):
                 dst += [layer.lora_A, layer.lora_B]
                 src += [fa[i], fb[i]]
-        _copy_all(dst, src)
+        torch._foreach_copy_(dst, src)  # one call for every layer (casts to each destination's dtype)
         return torch.stack([jump, sim_a, sim_b, ok.to(ct)], -1)
 
     def extra_repr(self) -> str:
