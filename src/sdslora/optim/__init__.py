@@ -4,7 +4,7 @@
     trainer = Trainer(model=model, args=args, ..., optimizers=(opt, None))
 
 =================  ===========================================================================================
-``adamw``          plain ``torch.optim.AdamW`` over ``model.trainable_parameters()`` (every method)
+``adamw``          plain ``torch.optim.AdamW`` over ``model.trainable_param_groups()`` (every method)
 ``loraplus``       LoRA+ (Hayou et al. 2024): lr_B = λ·lr_A, as AdamW parameter groups (PEFT-compatible)
 ``scaled_adamw``   Riemannian preconditioned AdamW (Zhang & Pilanci 2024)
 ``lora_pro``       LoRA-Pro, light variant (Wang et al. 2024): gradients matched to G*, per-factor AdamW
