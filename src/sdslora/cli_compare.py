@@ -25,8 +25,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ranks", help="comma-separated ranks (default 8)")
     p.add_argument("--lr", action="append", dest="method_lr", metavar="METHOD=LR", help="learning rate of a method (repeatable); "
                                                                       "a bare number sets it for every method")
-    p.add_argument("--lr-sweep", help="comma-separated learning rates tried per method on a validation split of "
-                                      "the training data")
+    p.add_argument("--lr-sweep", action="append", metavar="[METHOD=]LR,LR,...",
+                   help="learning-rate grid tried per method and rank on a validation split of the training data "
+                        "(a study, see docs/evidence.md); METHOD=... gives that method its own grid (repeatable)")
+    p.add_argument("--val-max", type=int, help="size cap of the validation split carved from the training data "
+                   "(default 200)")
+    p.add_argument("--widen", type=int, help="times the sweep grid may be extended past an edge that holds the best "
+                   "learning rate (default 2)")
+    p.add_argument("--evidence", help="study record folder (with --lr-sweep): each finished run's summary is written "
+                   "there and runs already recorded are not trained again; rebuild the report with sdslora evidence")
     p.add_argument("--loss-target", type=float, help="train-loss level for 'steps to target'")
     p.add_argument("--synthetic", action=argparse.BooleanOptionalAction, default=None,
                    help="run the synthetic κ sweep first (default: on in the demo, off otherwise)")
@@ -65,8 +72,19 @@ def build_compare_config(args: argparse.Namespace, argv_text: str) -> tuple[obje
         else:
             cc.base = dataclasses.replace(cc.base, lr=float(v))
     cc.lrs = lrs
-    if args.lr_sweep:
-        cc.lr_sweep = [float(x) for x in _csv(args.lr_sweep)]
+    for item in args.lr_sweep or []:
+        m, sep, values = item.rpartition("=")
+        grid = [float(x) for x in _csv(values) or []]
+        if sep:
+            cc.lr_grids[m.strip()] = grid
+        else:
+            cc.lr_sweep = grid
+    if args.val_max is not None:
+        cc.val_max = args.val_max
+    if args.widen is not None:
+        cc.widen = args.widen
+    if args.evidence:
+        cc.evidence_dir = args.evidence
     if args.loss_target is not None:
         cc.loss_target = args.loss_target
     if args.synthetic is not None:

@@ -11,7 +11,7 @@ from .config import parse_value
 # flag -> RunConfig field, for flags whose value is stored as given
 _FIELDS = ("model", "task", "train_file", "eval_file", "format", "data_dir", "method", "r", "alpha", "scaling",
            "dropout", "optimizer", "lr", "steps", "epochs", "batch_size", "grad_accum", "seed", "precision",
-           "scheduler", "warmup_ratio", "weight_decay", "max_length", "diagnostics_every", "train_limit",
+           "scheduler", "warmup_ratio", "weight_decay", "max_length", "diagnostics_every", "eval_every", "train_limit",
            "eval_limit", "eval_mode", "max_new_tokens", "eval_batch_size")
 
 
@@ -67,6 +67,8 @@ def add_run_arguments(p: argparse.ArgumentParser, *, grid: bool = False) -> None
     t.add_argument("--warmup-ratio", type=float)
     t.add_argument("--weight-decay", type=float)
     t.add_argument("--diagnostics-every", type=int, help="log sdslora diagnostics every N steps (0: off)")
+    t.add_argument("--eval-every", type=int, help="learning curve on the validation split every N steps (compare "
+                   "with --lr-sweep; 0: off)")
     t.add_argument("--eval-mode", choices=["generate", "loglik"])
     t.add_argument("--max-new-tokens", type=int)
     t.add_argument("--eval-batch-size", type=int)

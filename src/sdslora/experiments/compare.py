@@ -7,10 +7,23 @@ Every run lives in ``<out>/runs/<method>-r<r>-s<seed>/`` (see :func:`~sdslora.ex
 whose folder holds ``done.json`` with the same config is skipped, so an interrupted comparison resumes where it
 stopped; a folder holding a different run raises :class:`~sdslora.experiments.train.RunDirError`.
 
-Learning rates: per method, ``lrs[method]`` if given, else (``lr_sweep``) the best of a small sweep trained on the
-training data minus a validation split carved from it (``val_fraction``, at most ``val_max`` rows, fixed seed) and
-scored on that split — never on the evaluation set —, else ``base.lr``, else the per-method default table
-(:data:`~sdslora.experiments.train.DEFAULT_LR`).
+Learning rates: per method, ``lrs[method]`` if given, else ``base.lr``, else the per-method default table
+(:data:`~sdslora.experiments.train.DEFAULT_LR`) — unless ``lr_sweep`` is given, which turns the comparison into a
+**study** (the protocol of ``docs/evidence.md``):
+
+* a validation split is carved from the training data (``val_fraction``, at most ``val_max`` rows, fixed seed 1234,
+  disjoint from the rows trained on); every run of the study trains on the rest, so that all methods see the same
+  data in the same order (the order is set by the seed);
+* per method *and rank*, each learning rate of the grid is trained with the first seed and scored on the validation
+  split (its primary metric, ties broken by the lower validation loss; generation tasks: the validation loss); when
+  the best value sits on an edge of the grid, the grid is extended by one more step (the spacing at that edge) on
+  that side, at most ``widen`` times, so that the chosen value is bracketed; the evaluation split is never used;
+* the chosen learning rate is then trained with the other seeds (the first seed's run is the sweep's own);
+* with ``evidence_dir`` every finished run's summary (config, learning rate, seed, metrics on the validation and
+  evaluation splits, learning curve, train-loss curve, diagnostics) is written there as
+  ``runs/<run>.json`` as soon as it finishes, and a run whose summary is there with the same config is not
+  trained again: a study resumes across sessions from the repository alone. ``sdslora evidence`` rebuilds the
+  report from those files.
 """
 
 from __future__ import annotations
@@ -63,6 +76,18 @@ class CompareConfig:
     synthetic: bool = False
     synthetic_max_steps: int = 2000
     command: str = ""
+    widen: int = 2
+    evidence_dir: str | None = None
+    lr_grids: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def study(self) -> bool:
+        """A learning-rate study (validation split, per-method-and-rank sweeps): ``lr_sweep`` or ``lr_grids``."""
+        return bool(self.lr_sweep) or bool(self.lr_grids)
+
+    def grid_for(self, method: str) -> list[float] | None:
+        """The learning rates swept for ``method``: its own grid, else the shared ``lr_sweep``."""
+        return self.lr_grids.get(method) or self.lr_sweep
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -78,6 +103,27 @@ class CompareConfig:
             raise ValueError(f"lrs given for method(s) {unknown} that are not compared ({self.methods})")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not isinstance(self.val_max, int) or isinstance(self.val_max, bool) or self.val_max < 1:
+            raise ValueError(f"val_max must be an int >= 1, got {self.val_max!r}")
+        if not isinstance(self.widen, int) or isinstance(self.widen, bool) or self.widen < 0:
+            raise ValueError(f"widen must be an int >= 0, got {self.widen!r}")
+        for what, g in [("lr_sweep", self.lr_sweep), *((f"lr_grids[{m!r}]", v) for m, v in self.lr_grids.items())]:
+            if g is None:
+                continue
+            bad = [x for x in g if not (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                                        and x > 0)]
+            if bad or len(set(g)) != len(g) or not g:
+                raise ValueError(f"{what} must hold distinct positive learning rates, got {g}")
+        unknown = sorted(set(self.lr_grids) - set(self.methods))
+        if unknown:
+            raise ValueError(f"lr_grids given for method(s) {unknown} that are not compared ({self.methods})")
+        if self.lr_grids and not self.lr_sweep and set(self.lr_grids) != set(self.methods) - set(self.lrs):
+            missing = sorted(set(self.methods) - set(self.lrs) - set(self.lr_grids))
+            raise ValueError(f"no learning-rate grid for method(s) {missing}: give each compared method a grid "
+                             "(--lr-sweep METHOD=a,b,c) or a shared one (--lr-sweep a,b,c)")
+        if self.evidence_dir is not None and not self.study:
+            raise ValueError("evidence_dir records a study: give lr_sweep (--lr-sweep) too, so that learning rates are "
+                             "chosen on a validation split")
 
     def grid(self) -> list[tuple[str, int, int]]:
         """(method, r, seed) of every run, in run order (seed-major, so a partial grid has every method)."""
@@ -131,13 +177,59 @@ def for_method(base: RunConfig, method: str, **changes: Any) -> RunConfig:
     return dataclasses.replace(base, method=name, options=opts, **changes)
 
 
-def _split_validation(rows: list[dict[str, Any]], fraction: float, cap: int) -> tuple[list, list]:
-    g = torch.Generator().manual_seed(1234)
+VAL_SEED = 1234
+
+
+def split_validation(rows: list[dict[str, Any]], fraction: float, cap: int) -> tuple[list, list]:
+    """(rest, val): a validation split of ``min(cap, fraction·n)`` rows (at least 1) drawn with a fixed seed from
+    the training rows, and the rows left to train on. The two never share a row (by position)."""
+    if len(rows) < 2:
+        raise ValueError(f"a validation split needs at least 2 training rows, got {len(rows)}")
+    g = torch.Generator().manual_seed(VAL_SEED)
     order = torch.randperm(len(rows), generator=g).tolist()
-    n_val = max(1, min(cap, int(len(rows) * fraction)))
+    n_val = max(1, min(cap, int(len(rows) * fraction), len(rows) - 1))
     val = [rows[i] for i in order[:n_val]]
-    rest = [rows[i] for i in order[n_val:]]
+    rest = [rows[i] for i in sorted(order[n_val:])]
     return rest, val
+
+
+_split_validation = split_validation
+
+
+def selection_key(res: dict[str, Any], metric: str | None) -> tuple[float, float]:
+    """How a sweep run is ranked (higher is better): its validation ``metric`` (None: none, loss only), ties broken
+    by the lower validation loss; a diverged run (no finite value) ranks last."""
+    val = res.get("val") or {}
+    loss = val.get("loss")
+    loss = float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else math.inf
+    if metric is None:
+        return (-loss, 0.0)
+    m = val.get(metric)
+    m = float(m) if isinstance(m, (int, float)) and math.isfinite(m) else -math.inf
+    return (m, -loss)
+
+
+def select_lr(keys: dict[float, tuple[float, float]]) -> tuple[float, str | None]:
+    """The best learning rate of a sweep (``keys``: lr -> :func:`selection_key`; exact ties go to the smaller lr)
+    and where it sits: ``"low"`` / ``"high"`` when on an edge of the grid (not bracketed), else None."""
+    if not keys:
+        raise ValueError("select_lr needs at least one scored learning rate")
+    lrs = sorted(keys)
+    best = max(lrs, key=lambda lr: (keys[lr], -lr))
+    if len(lrs) == 1:
+        return best, "low"
+    edge = "low" if best == lrs[0] else "high" if best == lrs[-1] else None
+    return best, edge
+
+
+def widen_grid(lrs: list[float], edge: str) -> float:
+    """The next learning rate beyond ``edge`` of the grid, one step of the spacing at that edge."""
+    lrs = sorted(lrs)
+    if len(lrs) < 2:
+        return lrs[0] / 3 if edge == "low" else lrs[0] * 3
+    if edge == "low":
+        return float(f"{lrs[0] * lrs[0] / lrs[1]:.3g}")
+    return float(f"{lrs[-1] * lrs[-1] / lrs[-2]:.3g}")
 
 
 def _safe(method: str) -> str:
@@ -145,8 +237,9 @@ def _safe(method: str) -> str:
     return method.replace(":", "-").replace("+", "-").replace("=", "")
 
 
-def _run_name(method: str, r: int, seed: int) -> str:
-    return f"{_safe(method)}-r{r}-s{seed}" if method != "full" else f"full-s{seed}"
+def _run_name(method: str, r: int, seed: int, lr: float | None = None) -> str:
+    tag = "" if lr is None else f"-lr{lr:g}"
+    return f"{_safe(method)}-r{r}{tag}-s{seed}" if method != "full" else f"full{tag}-s{seed}"
 
 
 def _check_out(out: Path) -> None:
@@ -183,19 +276,21 @@ def run_compare(cc: CompareConfig, out: str | Path, *, progress: bool = True) ->
 
     task = cc.base.get_task()
     train_rows, eval_rows = prepare_data(cc.base, task)
-    chosen_lr, sweep = _choose_lrs(cc, out, train_rows, progress)
+    study = cc.study
+    val_rows = None
+    if study:
+        train_rows, val_rows = split_validation(train_rows, cc.val_fraction, cc.val_max)
+    runner = _Runner(cc, out, task, train_rows, eval_rows, val_rows, progress)
+    if cc.evidence_dir:
+        runner.write_setting()
+    chosen, sweep = _choose_lrs(cc, runner)
 
     grid = cc.grid()
     results: list[dict[str, Any]] = []
     bar = _bar(len(grid), "grid", progress)
     for method, r, seed in grid:
-        cfg = for_method(cc.base, method, r=r, seed=seed, lr=chosen_lr[method])
-        name = _run_name(method, r, seed)
-        bar.set_postfix_str(name)
-        res = run_train(cfg, out / "runs" / name, progress=progress, train_rows=train_rows, eval_rows=eval_rows)
-        res["run"] = name
-        res["method"] = method  # the label the report groups by (a variant such as "sds:faithful" keeps its name)
-        results.append(res)
+        bar.set_postfix_str(_run_name(method, r, seed))
+        results.append(runner.run(method, r, chosen[(method, r)], seed))
         bar.update(1)
     bar.close()
     machine = versions()
@@ -206,32 +301,134 @@ def run_compare(cc: CompareConfig, out: str | Path, *, progress: bool = True) ->
     return summary
 
 
-def _choose_lrs(cc: CompareConfig, out: Path, train_rows: list, progress: bool
-                ) -> tuple[dict[str, float], dict[str, Any]]:
-    chosen: dict[str, float] = {}
-    sweep: dict[str, Any] = {}
-    rest = val = None
-    for m in cc.methods:
-        if m in cc.lrs:
-            chosen[m] = float(cc.lrs[m])
-            sweep[m] = {"source": "given"}
-        elif cc.lr_sweep:
-            if rest is None:
-                rest, val = _split_validation(train_rows, cc.val_fraction, cc.val_max)
-            scores = {}
-            for lr in cc.lr_sweep:
-                cfg = for_method(cc.base, m, lr=float(lr), seed=cc.seeds[0])
-                res = run_train(cfg, out / "sweep" / f"{_safe(m)}-lr{lr:g}", progress=progress, train_rows=rest,
-                                eval_rows=val)
-                scores[f"{lr:g}"] = res["eval"][res["primary_metric"]]
-            best = max(scores, key=lambda k: (scores[k], -float(k)))
-            chosen[m] = float(best)
-            sweep[m] = {"source": "sweep on a validation split of the training data", "scores": scores,
-                        "n_val": len(val or [])}
+EVIDENCE_FORMAT = "sdslora-evidence-run/1"
+
+
+class _Runner:
+    """Trains (or finds) one run of a comparison: in ``<out>/runs/<name>``, and, in a study with an evidence
+    folder, found in or recorded to ``<evidence_dir>/runs/<name>.json``."""
+
+    def __init__(self, cc: CompareConfig, out: Path, task: Any, train_rows: list, eval_rows: list,
+                 val_rows: list | None, progress: bool) -> None:
+        self.cc, self.out, self.task, self.progress = cc, out, task, progress
+        self.train_rows, self.eval_rows, self.val_rows = train_rows, eval_rows, val_rows
+        self.study = val_rows is not None
+        self.evidence = Path(cc.evidence_dir) if cc.evidence_dir else None
+
+    def config(self, method: str, r: int, lr: float, seed: int) -> RunConfig:
+        return for_method(self.cc.base, method, r=r, seed=seed, lr=float(lr))
+
+    def name(self, method: str, r: int, lr: float, seed: int) -> str:
+        return _run_name(method, r, seed, lr if self.study else None)
+
+    def run(self, method: str, r: int, lr: float, seed: int) -> dict[str, Any]:
+        cfg = self.config(method, r, lr, seed)
+        name = self.name(method, r, lr, seed)
+        found = self._from_evidence(name, cfg)
+        if found is not None:
+            return found
+        res = run_train(cfg, self.out / "runs" / name, progress=self.progress, train_rows=self.train_rows,
+                        eval_rows=self.eval_rows, val_rows=self.val_rows)
+        res["run"] = name
+        res["method"] = method  # the label the report groups by (a variant such as "sds:faithful" keeps its name)
+        if self.evidence is not None:
+            (self.evidence / "runs").mkdir(parents=True, exist_ok=True)
+            write_json(self.evidence / "runs" / f"{name}.json", {"format": EVIDENCE_FORMAT, **res})
+        return res
+
+    def _from_evidence(self, name: str, cfg: RunConfig) -> dict[str, Any] | None:
+        if self.evidence is None:
+            return None
+        f = self.evidence / "runs" / f"{name}.json"
+        if not f.is_file():
+            return None
+        try:
+            saved = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise RunDirError(f"evidence file {f} is not valid JSON ({e}); delete it to re-run that run") from e
+        want = json.loads(json.dumps(cfg.to_dict()))
+        if saved.get("config") != want:
+            diff = sorted(k for k in set(want) | set(saved.get("config") or {})
+                          if (saved.get("config") or {}).get(k) != want.get(k))
+            raise RunDirError(f"evidence folder {self.evidence} holds run {name} with a different config (fields "
+                              f"that differ: {diff[:8]}); use another --evidence folder for a different study")
+        return saved
+
+    def write_setting(self) -> None:
+        """``setting.json``: what every run of this study shares (written once; a different study in the same
+        folder is refused)."""
+        assert self.evidence is not None
+        from .stats import baseline_rate
+
+        cc = self.cc
+        base = {k: v for k, v in cc.base.to_dict().items() if k not in ("method", "options", "seed", "r", "lr")}
+        setting = {
+            "format": "sdslora-evidence-setting/1", "base": base, "options": cc.base.options,
+            "methods": cc.methods, "seeds": cc.seeds, "ranks": cc.ranks or [cc.base.r],
+            "lr_grids": {m: cc.grid_for(m) for m in cc.methods if m not in cc.lrs},
+            "widen": cc.widen, "val_fraction": cc.val_fraction, "val_max": cc.val_max, "val_seed": VAL_SEED,
+            "task": self.task.name, "kind": self.task.kind, "primary_metric": self.task.primary_metric,
+            "n_train": len(self.train_rows), "n_val": len(self.val_rows or []), "n_eval": len(self.eval_rows),
+            "baseline": baseline_rate(self.task, self.eval_rows), "command": cc.command,
+        }
+        f = self.evidence / "setting.json"
+        if f.is_file():
+            old = json.loads(f.read_text())
+            keep = ("base", "options", "val_fraction", "val_max", "val_seed", "task", "n_train", "n_val", "n_eval")
+            diff = [k for k in keep if json.dumps(old.get(k), sort_keys=True) != json.dumps(setting[k], sort_keys=True)]
+            if diff:
+                raise RunDirError(f"evidence folder {self.evidence} holds a study with different settings ({diff}); "
+                                  "use another --evidence folder")
+            # the grid may grow across sessions (more methods, seeds, ranks, learning rates): keep the union
+            for k in ("methods", "seeds", "ranks"):
+                setting[k] = list(dict.fromkeys([*(old.get(k) or []), *setting[k]]))
+            setting["lr_grids"] = {**(old.get("lr_grids") or {}), **setting["lr_grids"]}
+            setting["commands"] = list(dict.fromkeys([*old.get("commands", [old.get("command")]), cc.command]))
         else:
-            chosen[m] = for_method(cc.base, m).learning_rate
-            sweep[m] = {"source": "given (--lr)" if cc.base.lr is not None else "per-method default table"}
-        sweep[m]["lr"] = chosen[m]
+            setting["commands"] = [cc.command]
+        self.evidence.mkdir(parents=True, exist_ok=True)
+        write_json(f, setting)
+
+
+def _choose_lrs(cc: CompareConfig, runner: _Runner) -> tuple[dict[tuple[str, int], float], dict[str, Any]]:
+    """Learning rate per (method, rank), and how it was chosen (see the module docstring)."""
+    chosen: dict[tuple[str, int], float] = {}
+    sweep: dict[str, Any] = {}
+    ranks = cc.ranks or [cc.base.r]
+    combos = list(dict.fromkeys((m, r) for m, r, _ in cc.grid()))
+    multi = len(ranks) > 1
+    metric = runner.task.primary_metric if runner.task.kind == "classification" else None
+    for m, r in combos:
+        label = m if m == "full" or not multi else f"{m} r={r}"
+        if m in cc.lrs:
+            chosen[(m, r)] = float(cc.lrs[m])
+            sweep[label] = {"source": "given"}
+        elif cc.grid_for(m):
+            grid = [float(x) for x in cc.grid_for(m)]
+            keys: dict[float, tuple[float, float]] = {}
+            scores: dict[str, Any] = {}
+            widened = 0
+            while True:
+                for lr in grid:
+                    if lr in keys:
+                        continue
+                    res = runner.run(m, r, lr, cc.seeds[0])
+                    keys[lr] = selection_key(res, metric)
+                    val = res.get("val") or {}
+                    scores[f"{lr:g}"] = val.get(metric) if metric else val.get("loss")
+                best, edge = select_lr(keys)
+                if edge is None or widened >= cc.widen:
+                    break
+                grid = [*grid, widen_grid(list(keys), edge)]
+                widened += 1
+            chosen[(m, r)] = best
+            sweep[label] = {"source": "sweep on a validation split of the training data", "scores": scores,
+                            "selected_on": f"validation {metric}" if metric else "validation loss",
+                            "bracketed": edge is None, "n_val": len(runner.val_rows or [])}
+        else:
+            chosen[(m, r)] = for_method(cc.base, m).learning_rate
+            sweep[label] = {"source": "given (--lr)" if cc.base.lr is not None else "per-method default table"}
+        sweep[label]["lr"] = chosen[(m, r)]
     return chosen, sweep
 
 

@@ -144,6 +144,32 @@ def loglik_choices(model: nn.Module, tok: Any, rows: list[dict[str, Any]], batch
     return picks
 
 
+@torch.no_grad()
+def heldout_loss(model: nn.Module, tok: Any, task: Task, rows: list[dict[str, Any]], *, max_length: int = 128,
+                 batch_size: int = 32) -> float:
+    """The training loss on held-out ``rows``: mean cross-entropy per example (classification) or per predicted
+    response token (generation), aggregated exactly over batches of different sizes."""
+    was_training = model.training
+    model.eval()
+    enc = encode(task, tok, rows, max_length)
+    coll = Collator(tok.pad_token_id if tok.pad_token_id is not None else 0)
+    dev = next(model.parameters()).device
+    total, count = 0.0, 0
+    try:
+        for i in range(0, len(enc), batch_size):
+            b = {k: v.to(dev) for k, v in coll(enc[i:i + batch_size]).items()}
+            loss = model(**b).loss
+            labels = b["labels"]
+            n = int(labels.shape[0]) if labels.dim() == 1 else int((labels[:, 1:] != -100).sum())
+            total += float(loss) * n
+            count += n
+    finally:
+        model.train(was_training)
+    if not count:
+        raise ValueError("no held-out example fits max_length; raise --max-length")
+    return total / count
+
+
 def evaluate(model: nn.Module, tok: Any, task: Task, rows: list[dict[str, Any]], *, max_length: int = 128,
              eval_mode: str = "generate", max_new_tokens: int = 256, batch_size: int = 32) -> dict[str, Any]:
     """Metrics of ``model`` on ``rows`` (plus ``n`` and, for generation, a few example outputs)."""

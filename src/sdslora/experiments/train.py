@@ -43,7 +43,7 @@ on real models (SPEC §7); full fine-tuning uses the usual BERT-style rate. Othe
 FALLBACK_LR = 5e-4
 PRECISIONS = ("fp32", "bf16", "fp16")
 INIT_SAMPLES = 32  # training examples for data-driven initialisations (the SDS authors ran LoRA-GA with 32)
-RUN_FILES = ("run.json", "versions.json", "metrics.jsonl", "diagnostics.jsonl", "eval.json", "results.json",
+RUN_FILES = ("run.json", "versions.json", "metrics.jsonl", "diagnostics.jsonl", "curve.jsonl", "eval.json", "results.json",
              "done.json", "NO_ADAPTER.md", "adapter", "peft", "trainer")
 
 
@@ -71,6 +71,10 @@ class RunConfig:
         diagnostics_every: N > 0 logs ``sdslora.diagnostics`` every N steps (skipped with a warning if absent).
         train_limit / eval_limit: use only the first rows of the (shuffled with ``seed`` = 0 for train) splits.
         eval_mode: ``"generate"`` (greedy + answer extraction) or ``"loglik"`` (option scoring), generation tasks.
+        eval_every: N > 0 evaluates on the validation rows given to :func:`run_train` (``val_rows``) every N
+            optimizer steps and at step 0, into the run's learning curve (held-out loss for every task, plus the
+            task's metrics for classification tasks; generation metrics cost a decoding pass and are measured only at
+            the end).
     """
 
     model: str = "minilm-l6"
@@ -107,6 +111,7 @@ class RunConfig:
     eval_mode: str = "generate"
     max_new_tokens: int = 256
     eval_batch_size: int = 32
+    eval_every: int = 0
 
     def __post_init__(self) -> None:
         get_method(self.method)  # unknown method -> ValueError listing the methods
@@ -127,8 +132,10 @@ class RunConfig:
             raise ValueError(f"epochs must be > 0, got {self.epochs!r}")
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if not isinstance(self.diagnostics_every, int) or self.diagnostics_every < 0:
-            raise ValueError(f"diagnostics_every must be an int >= 0, got {self.diagnostics_every!r}")
+        for name in ("diagnostics_every", "eval_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
         if self.eval_mode not in ("generate", "loglik"):
             raise ValueError(f"eval_mode must be 'generate' or 'loglik', got {self.eval_mode!r}")
         self.adapter_config()  # validates r, alpha, scaling, options, targets
@@ -214,6 +221,8 @@ def run_state(out: Path, config: dict[str, Any]) -> str:
                 saved = json.loads(f.read_text()).get("config")
             except (json.JSONDecodeError, AttributeError):
                 saved = None
+            if isinstance(saved, dict):  # a field added since that run was saved counts as its default value
+                saved = {**{k: _field_default(k) for k in config if k not in saved}, **saved}
             if saved != _json_safe(config):
                 diff = sorted(k for k in set(config) | set(saved or {}) if (saved or {}).get(k) != config.get(k))
                 raise RunDirError(
@@ -223,6 +232,17 @@ def run_state(out: Path, config: dict[str, Any]) -> str:
             return "done" if marker == "done.json" else "partial"
     raise RunDirError(f"output folder {out} is not empty and holds no sdslora run ({sorted(entries)[:5]}); choose "
                       "an empty or new folder")
+
+
+def _field_default(name: str) -> Any:
+    f = RunConfig.__dataclass_fields__.get(name)
+    if f is None:
+        return None
+    if f.default is not dataclasses.MISSING:
+        return _json_safe(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return _json_safe(f.default_factory())
+    return None
 
 
 def versions() -> dict[str, Any]:
@@ -301,6 +321,43 @@ def _diagnostics_callback(probe: dict[str, torch.Tensor], every: int, path: Path
         warnings.warn(f"sdslora.diagnostics.DiagnosticsCallback has an unexpected signature ({e}); no diagnostics",
                       stacklevel=2)
         return None
+
+
+def _curve_callback(task: Task, tok: Any, rows: list[dict[str, Any]], cfg: RunConfig, path: Path) -> Any:
+    """Evaluates on the validation ``rows`` at step 0 and every ``cfg.eval_every`` optimizer steps (the last step
+    is measured after training, with the final evaluation): held-out loss, and the task's metrics for
+    classification. Each point is appended to ``curve.jsonl`` as it is measured."""
+    from transformers import TrainerCallback
+
+    from .data import evaluate, heldout_loss
+
+    class CurveLogger(TrainerCallback):
+        def __init__(self) -> None:
+            self.points: list[dict[str, Any]] = []
+            path.write_text("")
+
+        def measure(self, model: Any, step: int) -> dict[str, Any]:
+            point: dict[str, Any] = {"step": step, "loss": heldout_loss(model, tok, task, rows,
+                                                                        max_length=cfg.max_length,
+                                                                        batch_size=cfg.eval_batch_size)}
+            if task.kind == "classification":
+                ev = evaluate(model, tok, task, rows, max_length=cfg.max_length, batch_size=cfg.eval_batch_size)
+                point.update({k: v for k, v in ev.items() if k != "n"})
+            self.points.append(point)
+            with open(path, "a") as f:
+                f.write(json.dumps(_json_safe(point)) + "\n")
+            return point
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+            if model is not None and not self.points:
+                self.measure(model, 0)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+            step = int(state.global_step)
+            if model is not None and step % cfg.eval_every == 0 and step < state.max_steps:
+                self.measure(model, step)
+
+    return CurveLogger()
 
 
 def _quiet_logs(trainer: Any, progress: bool) -> None:
@@ -382,10 +439,14 @@ def prepare_data(cfg: RunConfig, task: Task) -> tuple[list[dict[str, Any]], list
 
 
 def run_train(cfg: RunConfig, out: str | Path, *, progress: bool = True, train_rows: list[dict[str, Any]] | None = None,
-              eval_rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+              eval_rows: list[dict[str, Any]] | None = None, val_rows: list[dict[str, Any]] | None = None
+              ) -> dict[str, Any]:
     """Train one run into ``out`` and return its results (see the module docstring for the files).
 
     ``train_rows`` / ``eval_rows`` override the task's splits (``compare`` uses them for its validation split).
+    ``val_rows``: a validation split (carved from the training data by the caller, disjoint from ``train_rows``):
+    the learning curve (``cfg.eval_every``) is measured on it, and the final model is scored on it as well as on
+    the evaluation split (``results["val"]``, with its held-out loss).
     A finished run with the same config in ``out`` is not re-run: its ``results.json`` is returned.
     Raises :class:`RunDirError` (folder holds another run), ValueError (bad config, data or model).
     """
@@ -395,6 +456,7 @@ def run_train(cfg: RunConfig, out: str | Path, *, progress: bool = True, train_r
     from ..model import attach
     from .data import Collator, ListDataset, encode, evaluate
     from .models import head_modules, load_model
+    from .report import diag_curves
 
     out = Path(out)
     config = cfg.to_dict()
@@ -463,6 +525,10 @@ def run_train(cfg: RunConfig, out: str | Path, *, progress: bool = True, train_r
                                      cfg.diagnostics_every, out / "diagnostics.jsonl")
         if diag is not None:
             callbacks.append(diag)
+    curve_cb = None
+    if val_rows and cfg.eval_every > 0:
+        curve_cb = _curve_callback(task, tok, val_rows, cfg, out / "curve.jsonl")
+        callbacks.append(curve_cb)
     callbacks.append(metrics_cb)
     optimizer = _build_optimizer(adapted, cfg)
     trainer = Trainer(model=adapted, args=args, train_dataset=ListDataset(train_enc), data_collator=collate,
@@ -489,6 +555,18 @@ def run_train(cfg: RunConfig, out: str | Path, *, progress: bool = True, train_r
     ev = evaluate(adapted, tok, task, eval_rows, max_length=cfg.max_length, eval_mode=cfg.eval_mode,
                   max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
     write_json(out / "eval.json", ev)
+    val = None
+    if val_rows:
+        from .data import heldout_loss
+
+        val = evaluate(adapted, tok, task, val_rows, max_length=cfg.max_length, eval_mode=cfg.eval_mode,
+                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+        val.pop("examples", None)
+        val["loss"] = heldout_loss(adapted, tok, task, val_rows, max_length=cfg.max_length,
+                                   batch_size=cfg.eval_batch_size)
+    curve = list(curve_cb.points) if curve_cb is not None else []
+    if curve_cb is not None and val is not None:
+        curve.append({"step": int(trainer.state.global_step), **{k: v for k, v in val.items() if k != "n"}})
 
     losses = [r["loss"] for r in metrics_cb.records if "loss" in r]
     step_times = sorted(r["step_time"] for r in metrics_cb.records if "step_time" in r)
@@ -504,7 +582,10 @@ def run_train(cfg: RunConfig, out: str | Path, *, progress: bool = True, train_r
         "train_wall_s": wall, "memory_bytes_analytic": mem,
         "peak_rss_growth_mb": max(0.0, _peak_rss_mb() - rss0),
         "cuda_peak_bytes": torch.cuda.max_memory_allocated() if use_cuda else None,
-        "eval": ev, "primary_metric": task.primary_metric,
+        "eval": ev, "primary_metric": task.primary_metric, "val": val, "curve": curve,
+        "loss_curve": [[int(r["step"]), round(float(r["loss"]), 5)] for r in metrics_cb.records
+                       if isinstance(r.get("loss"), float) and math.isfinite(r["loss"])],
+        "diagnostics": {k: [[s, v] for s, v in zip(*c)] for k, c in diag_curves(out).items()},
     }
     write_json(out / "results.json", results)
     write_json(out / "done.json", {"config": config, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
