@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "eval": "sdslora.cli_eval",
     "compare": "sdslora.cli_compare",
     "diagnose": "sdslora.cli_diagnose",
+    "evidence": "sdslora.cli_evidence",
 }
 
 

@@ -294,8 +294,10 @@ def run_compare(cc: CompareConfig, out: str | Path, *, progress: bool = True) ->
         bar.update(1)
     bar.close()
     machine = versions()
+    from .stats import baseline_rate
+
     summary = write_report(out, cc, results, synthetic=synthetic, sweep=sweep, machine=machine,
-                           wall_s=time.perf_counter() - t_start)
+                           wall_s=time.perf_counter() - t_start, baseline=baseline_rate(task, eval_rows))
     if progress:
         print_summary(summary)
     return summary

@@ -35,10 +35,32 @@ def _std(xs: list[float]) -> float | None:
 
 
 def _pm(xs: list[float], digits: int = 4) -> str:
-    m, s = _mean(xs), _std(xs)
+    """mean ± half-width of the 95 % t-interval over seeds (the mean alone for one seed)."""
+    from .stats import t_interval
+
+    m, h = t_interval(xs)
     if m is None:
         return "-"
-    return f"{m:.{digits}f}" if len(xs) < 2 else f"{m:.{digits}f} ± {s:.{digits}f}"
+    return f"{m:.{digits}f}" if h is None else f"{m:.{digits}f} ± {h:.{digits}f}"
+
+
+def _ci(xs: list[float]) -> float | None:
+    from .stats import t_interval
+
+    return t_interval(xs)[1]
+
+
+def run_loss_curve(out: Path, res: dict[str, Any]) -> tuple[list[int], list[float]]:
+    """A run's train-loss curve: from its result record when it carries one, else from its folder."""
+    if res.get("loss_curve"):
+        return [int(s) for s, _ in res["loss_curve"]], [float(v) for _, v in res["loss_curve"]]
+    return loss_curve(out / "runs" / res["run"])
+
+
+def run_diag_curves(out: Path, res: dict[str, Any]) -> dict[str, tuple[list[int], list[float]]]:
+    if res.get("diagnostics"):
+        return {k: ([int(s) for s, _ in v], [float(x) for _, x in v]) for k, v in res["diagnostics"].items()}
+    return diag_curves(out / "runs" / res["run"])
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -102,7 +124,8 @@ def _label(method: str, r: int, multi_rank: bool) -> str:
 
 
 def write_report(out: Path, cc: Any, results: list[dict[str, Any]], *, synthetic: dict[str, Any] | None,
-                 sweep: dict[str, Any], machine: dict[str, Any], wall_s: float) -> dict[str, Any]:
+                 sweep: dict[str, Any], machine: dict[str, Any], wall_s: float,
+                 baseline: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write report.md, the PNGs and results.json into ``out``; return the results.json content."""
     base = cc.base
     ranks = sorted({r["r"] for r in results})
@@ -110,7 +133,7 @@ def write_report(out: Path, cc: Any, results: list[dict[str, Any]], *, synthetic
     groups: dict[str, list[dict[str, Any]]] = {}
     for res in results:
         groups.setdefault(_label(res["method"], res["r"], multi), []).append(res)
-    curves = {res["run"]: loss_curve(out / "runs" / res["run"]) for res in results}
+    curves = {res["run"]: run_loss_curve(out, res) for res in results}
     finals = {g: _mean([x["final_train_loss"] for x in rs]) for g, rs in groups.items()}
     target = cc.loss_target if cc.loss_target is not None else max(v for v in finals.values() if v is not None)
     metric_names = [k for k, v in results[0]["eval"].items() if isinstance(v, (int, float)) and k != "n"]
@@ -132,7 +155,7 @@ def write_report(out: Path, cc: Any, results: list[dict[str, Any]], *, synthetic
         reach = [steps_to_target(*curves[x["run"]], target) for x in rs]
         diag = {}
         for x in rs:
-            for k, (_, vs) in diag_curves(out / "runs" / x["run"]).items():
+            for k, (_, vs) in run_diag_curves(out, x).items():
                 diag.setdefault(k, []).append(_mean(vs))
         row = {"method": g}
         for k in metric_names:
@@ -150,6 +173,7 @@ def write_report(out: Path, cc: Any, results: list[dict[str, Any]], *, synthetic
         summary_groups[g] = {
             "runs": [x["run"] for x in rs], "seeds": [x["seed"] for x in rs], "r": rs[0]["r"], "lr": rs[0]["lr"],
             "metrics": {k: {"mean": _mean([x["eval"].get(k) for x in rs]), "std": _std([x["eval"].get(k) for x in rs]),
+                            "ci95": _ci([x["eval"].get(k) for x in rs]),
                             "values": [x["eval"].get(k) for x in rs]} for k in metric_names},
             "trainable_parameters": rs[0]["trainable_parameters"],
             "final_train_loss": {"mean": finals[g], "values": [x["final_train_loss"] for x in rs]},
@@ -161,13 +185,14 @@ def write_report(out: Path, cc: Any, results: list[dict[str, Any]], *, synthetic
         }
     cols = (["method"] + metric_names + ["trainable params", "final train loss", "steps to loss target",
                                          "step time / LoRA", "memory / LoRA", "lr"])
-    plots = _plots(out, groups, curves, metric_names, primary, synthetic)
+    plots = _plots(out, groups, curves, metric_names, primary, synthetic, baseline)
     setup = {"task": results[0]["task"], "model": base.model, "methods": cc.methods, "seeds": cc.seeds,
              "ranks": ranks, "steps": results[0]["steps"], "batch_size": base.batch_size,
              "grad_accum": base.grad_accum, "max_length": base.max_length, "scheduler": base.scheduler,
              "alpha": base.alpha, "scaling": base.scaling, "targets": base.targets, "exclude": base.exclude,
              "modules_to_save": results[0].get("modules_to_save"), "adapted_layers": max(x["adapted_layers"] for x in results),
              "diagnostics_every": base.diagnostics_every, "n_eval": results[0]["eval"].get("n"),
+             "baseline": baseline, "n_val": (results[0].get("val") or {}).get("n"),
              "loss_target": target, "loss_target_rule": "given" if cc.loss_target is not None else
              "highest final train loss among the methods", "command": cc.command, "wall_s": wall_s}
     summary = {"setup": setup, "machine": machine, "learning_rates": sweep, "table_columns": cols, "table": table,
@@ -179,7 +204,8 @@ def write_report(out: Path, cc: Any, results: list[dict[str, Any]], *, synthetic
 
 # ---- plots ---------------------------------------------------------------------------------------------------
 def _plots(out: Path, groups: dict[str, list[dict[str, Any]]], curves: dict[str, tuple[list[int], list[float]]],
-           metric_names: list[str], primary: str, synthetic: dict[str, Any] | None) -> list[str]:
+           metric_names: list[str], primary: str, synthetic: dict[str, Any] | None,
+           baseline: dict[str, Any] | None = None) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,17 +235,35 @@ def _plots(out: Path, groups: dict[str, list[dict[str, Any]]], curves: dict[str,
     plt.close(fig)
     files.append("loss_curves.png")
 
-    # metric bars with error bars (std over seeds)
+    # primary metric per method: mean with its 95 % t-interval over seeds, the majority / chance rate as a line,
+    # the axis zoomed to the data (differences of a few points are what matters)
+    from .stats import t_interval
+
     fig, ax = plt.subplots(figsize=(6.4, 4))
     names = list(groups)
-    width = 0.8 / max(len(metric_names), 1)
-    for j, k in enumerate(metric_names):
-        vals = [[x["eval"].get(k) for x in groups[g]] for g in names]
-        ax.bar([i + j * width for i in range(len(names))], [_mean(v) or 0 for v in vals], width,
-               yerr=[_std(v) or 0 for v in vals], capsize=4, label=k)
-    ax.set_xticks([i + width * (len(metric_names) - 1) / 2 for i in range(len(names))], names)
-    ax.set_ylabel("evaluation metric (mean ± std over seeds)")
-    ax.legend()
+    stats = [t_interval([x["eval"].get(primary) for x in groups[g]]) for g in names]
+    ms = [m if m is not None else float("nan") for m, _ in stats]
+    hs = [h or 0.0 for _, h in stats]
+    ax.errorbar(range(len(names)), ms, yerr=hs, fmt="o", capsize=6, ms=7)
+    for i, (m, _h) in enumerate(stats):
+        if m is not None:
+            ax.annotate(f"{m:.3f}", (i, m), textcoords="offset points", xytext=(8, 4), fontsize=8)
+    lo = [m - h for m, h in zip(ms, hs) if math.isfinite(m)]
+    hi = [m + h for m, h in zip(ms, hs) if math.isfinite(m)]
+    base = (baseline or {}).get("primary")
+    if base is not None:
+        ax.axhline(base, color="grey", ls="--", lw=1, label=f"{baseline['kind']} rate {base:.3f}")
+        lo.append(base)
+        hi.append(base)
+    if lo and hi:
+        pad = max(0.01, 0.15 * (max(hi) - min(lo)))
+        ax.set_ylim(min(lo) - pad, max(hi) + pad)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_xlim(-0.5, len(names) - 0.5)
+    n_seeds = max(len(rs) for rs in groups.values())
+    ax.set_ylabel(f"evaluation {primary}" + (" (mean ± 95 % CI over seeds)" if n_seeds > 1 else " (one seed)"))
+    if base is not None:
+        ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "metrics.png", dpi=110)
@@ -227,7 +271,7 @@ def _plots(out: Path, groups: dict[str, list[dict[str, Any]]], curves: dict[str,
     files.append("metrics.png")
 
     # diagnostics curves (alignment, effective rank, stable rank)
-    diags = {g: [diag_curves(out / "runs" / x["run"]) for x in rs] for g, rs in groups.items()}
+    diags = {g: [run_diag_curves(out, x) for x in rs] for g, rs in groups.items()}
     keys = [k for k in DIAG_KEYS if any(k in c for cs in diags.values() for c in cs)]
     if keys:
         fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.4), squeeze=False)
@@ -275,6 +319,19 @@ def _plots(out: Path, groups: dict[str, list[dict[str, Any]]], curves: dict[str,
 
 
 # ---- markdown ------------------------------------------------------------------------------------------------
+def _baseline_text(b: dict[str, Any] | None, n_val: int | None) -> str:
+    text = ""
+    if b and b.get("kind") == "majority":
+        text = (f"; a model that always predicts the majority class ({b['class']}) scores {b['value']:.4f} accuracy"
+                + (" and Matthews correlation 0" if b.get("primary") == 0.0 else ""))
+    elif b and b.get("kind") == "chance":
+        text = f"; a uniform guess among the options scores {b['value']:.4f} accuracy"
+    if n_val:
+        text += (f"; every run trained on the training data minus a validation split of {n_val} rows, on which the "
+                 "learning rates were chosen")
+    return text
+
+
 def _md_table(cols: list[str], rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
@@ -322,7 +379,9 @@ def _markdown(s: dict[str, Any]) -> str:
               f"layers at rank {st['ranks']}, α = {st['alpha']} ({st['scaling']}); trained in full in every method: "
               f"{st['modules_to_save']}. {st['steps']} optimizer steps of batch {st['batch_size']}×{st['grad_accum']} "
               f"(max length {st['max_length']}), AdamW, {st['scheduler']} schedule; seeds {st['seeds']}; evaluation "
-              f"on {st['n_eval']} examples (the task's evaluation split). Learning rates: "
+              f"on {st['n_eval']} examples (the task's evaluation split)"
+              + _baseline_text(st.get("baseline"), st.get("n_val")) + ". Metrics are mean ± half-width of the 95 % "
+              "t-interval over seeds (the mean alone with one seed). Learning rates: "
               + "; ".join(f"{m} {v['lr']:g} ({v['source']})" for m, v in s["learning_rates"].items()) + ".", "",
               _md_table(s["table_columns"], s["table"]), "",
               f"Loss target: {st['loss_target']:.4f} ({st['loss_target_rule']}); steps = first step whose "
