@@ -24,7 +24,10 @@ from .train import write_json
 
 NAMES = {"lora": "LoRA", "sds": "SDS-LoRA", "sds:faithful": "SDS-LoRA (faithful)", "full": "full fine-tuning",
          "dora": "DoRA", "pissa": "PiSSA"}
-DIAG = ("cos_g_geff", "cos_geff_gstar", "stable_rank_A", "cond_A", "erank_grad_A")
+DIAG = ("cos_g_geff", "cos_geff_gstar", "stable_rank_A", "stable_rank_B", "kappa_B", "erank_grad_B")
+DIAG_TITLES = {"cos_g_geff": "cos(G, G̃)", "cos_geff_gstar": "cos(G̃, G*)", "stable_rank_A": "stable rank of A",
+               "stable_rank_B": "stable rank of B", "kappa_B": "condition number of B",
+               "erank_grad_B": "effective rank of ∇B"}
 
 
 def _name(label: str) -> str:
@@ -181,6 +184,36 @@ def _plots(name: str, setting: dict[str, Any], runs: list[dict[str, Any]], an: d
         fig.savefig(out_dir / f"{name}_rank.png", dpi=110)
         plt.close(fig)
         files.append(f"{name}_rank.png")
+
+        # the mechanism over training: diagnostics of the chosen runs, mean over seeds, one line per method/rank
+        keys = [k for k in DIAG if any((by_run[n].get("diagnostics") or {}).get(k) for g in an["groups"]
+                                       for n in g["runs"])]
+        if keys:
+            cols = min(3, len(keys))
+            rows_n = math.ceil(len(keys) / cols)
+            fig, axes = plt.subplots(rows_n, cols, figsize=(3.6 * cols, 3.0 * rows_n), squeeze=False)
+            for ax in axes.flat[len(keys):]:
+                ax.set_visible(False)
+            for ax, k in zip(axes.flat, keys):
+                for g in an["groups"]:
+                    cs = [by_run[n]["diagnostics"][k] for n in g["runs"] if (by_run[n].get("diagnostics") or {}).get(k)]
+                    if not cs:
+                        continue
+                    n = min(len(c) for c in cs)
+                    ax.plot([c[0] for c in cs[0][:n]], [mean([c[i][1] for c in cs]) for i in range(n)], marker="o",
+                            ms=3, label=f"{_name(g['label'])} r={g['r']}")
+                ax.set_title(DIAG_TITLES[k], fontsize=9)
+                ax.set_xlabel("optimizer step")
+                if k.startswith("kappa"):
+                    ax.set_yscale("log")
+                ax.grid(alpha=0.3)
+            for row in axes:
+                row[0].set_ylabel("mean over layers, seeds")
+            axes.flat[len(keys) - 1].legend(fontsize=7)
+            fig.tight_layout()
+            fig.savefig(out_dir / f"{name}_diagnostics.png", dpi=110)
+            plt.close(fig)
+            files.append(f"{name}_diagnostics.png")
     return files
 
 
@@ -253,8 +286,9 @@ def _setting_md(name: str, setting: dict[str, Any], an: dict[str, Any], plots: l
     if diag_rows:
         lines += ["Diagnostics at the last probe (mean over seeds; cos(G, G̃): the method's effective gradient vs the "
                   "full gradient; cos(G̃, G*): vs the best update its subspaces allow; stable rank and condition "
-                  "number of A; effective rank of ∇A):", "",
-                  "| rank | method | " + " | ".join(DIAG) + " |", "|---|---|" + "---|" * len(DIAG)]
+                  "number of the factors; effective rank of ∇B; averaged over the adapted layers):", "",
+                  "| rank | method | " + " | ".join(DIAG_TITLES[k] for k in DIAG) + " |",
+                  "|---|---|" + "---|" * len(DIAG)]
         for g in diag_rows:
             lines.append(f"| {g['r']} | {_name(g['label'])} | "
                          + " | ".join(_f(g["diagnostics_last"].get(k), 3) for k in DIAG) + " |")
