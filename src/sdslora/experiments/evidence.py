@@ -2,6 +2,7 @@
 
     sdslora evidence docs/evidence -o docs/evidence.md
 
+``<root>/findings.md`` (optional, written by hand) is placed after the headline table: the reading of the numbers.
 ``docs/evidence/<setting>/setting.json`` describes a study (model, task, data sizes, steps, grids, seeds, majority
 or chance rate); ``docs/evidence/<setting>/runs/*.json`` holds one finished run each. For every setting this module
 re-derives what the study runner decided (per method and rank, the learning rate whose first-seed run scored best
@@ -338,6 +339,9 @@ def build_report(root: str | Path, out_md: str | Path) -> dict[str, Any]:
     if headline:
         lines += ["| setting | rank | full − LoRA [95 % CI] | a gap? | gap closed [95 % bootstrap] |",
                   "|---|---|---|---|---|", *headline, ""]
+    findings = root / "findings.md"  # the written reading of these numbers, kept beside the records
+    if findings.is_file():
+        lines += [findings.read_text().strip(), ""]
     lines += body
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text("\n".join(lines) + "\n")
