@@ -232,3 +232,27 @@ def test_evidence_report_rebuilds_the_runner_choices_and_intervals(study):
         assert (root / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="holds no study"):
         build_report(d / "cmp", d / "x.md")
+
+
+def test_validation_scores_match_evaluate_and_a_hand_computed_loss(study):
+    import torch
+
+    from sdslora.experiments.data import Collator, encode, evaluate, validation_scores
+    from sdslora.experiments.models import load_model
+    from sdslora.tasks import file_task
+    from sdslora.tasks.glue import load_cls_file
+
+    d, cc, _, _, (train, dev) = study
+    task = file_task("cls", train, dev)
+    model, tok, _ = load_model(cc.base.model, "classification", 2)
+    rows = load_cls_file(dev)
+    got = validation_scores(model, tok, task, rows, batch_size=3)  # uneven last batch
+    ref = evaluate(model, tok, task, rows)
+    assert got["accuracy"] == ref["accuracy"] and got["f1"] == ref["f1"]
+    losses = []
+    with torch.no_grad():
+        for item in encode(task, tok, rows, 128):
+            b = Collator(tok.pad_token_id)([item])
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.double()
+            losses.append(float(torch.nn.functional.cross_entropy(logits, b["labels"])))
+    assert got["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)

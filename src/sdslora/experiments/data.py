@@ -145,29 +145,43 @@ def loglik_choices(model: nn.Module, tok: Any, rows: list[dict[str, Any]], batch
 
 
 @torch.no_grad()
-def heldout_loss(model: nn.Module, tok: Any, task: Task, rows: list[dict[str, Any]], *, max_length: int = 128,
-                 batch_size: int = 32) -> float:
-    """The training loss on held-out ``rows``: mean cross-entropy per example (classification) or per predicted
-    response token (generation), aggregated exactly over batches of different sizes."""
+def validation_scores(model: nn.Module, tok: Any, task: Task, rows: list[dict[str, Any]], *, max_length: int = 128,
+                      batch_size: int = 32) -> dict[str, Any]:
+    """Held-out ``loss`` on ``rows`` (mean cross-entropy per example for classification, per predicted response
+    token for generation, aggregated exactly over batches of different sizes) and, for classification, the task's
+    metrics from the same forward pass."""
     was_training = model.training
     model.eval()
     enc = encode(task, tok, rows, max_length)
     coll = Collator(tok.pad_token_id if tok.pad_token_id is not None else 0)
     dev = next(model.parameters()).device
-    total, count = 0.0, 0
+    total, count, preds = 0.0, 0, []
     try:
         for i in range(0, len(enc), batch_size):
             b = {k: v.to(dev) for k, v in coll(enc[i:i + batch_size]).items()}
-            loss = model(**b).loss
+            out = model(**b)
             labels = b["labels"]
             n = int(labels.shape[0]) if labels.dim() == 1 else int((labels[:, 1:] != -100).sum())
-            total += float(loss) * n
+            total += float(out.loss) * n
             count += n
+            if task.kind == "classification":
+                preds.extend(int(x) for x in out.logits.argmax(-1).tolist())
     finally:
         model.train(was_training)
     if not count:
         raise ValueError("no held-out example fits max_length; raise --max-length")
-    return total / count
+    result: dict[str, Any] = {"loss": total / count}
+    if task.kind == "classification":
+        if len(preds) != len(rows):
+            raise ValueError(f"{len(rows) - len(preds)} validation row(s) do not fit max_length {max_length}")
+        result.update(task.score(preds, rows))
+    return result
+
+
+def heldout_loss(model: nn.Module, tok: Any, task: Task, rows: list[dict[str, Any]], *, max_length: int = 128,
+                 batch_size: int = 32) -> float:
+    """The training loss on held-out ``rows`` (see :func:`validation_scores`)."""
+    return float(validation_scores(model, tok, task, rows, max_length=max_length, batch_size=batch_size)["loss"])
 
 
 def evaluate(model: nn.Module, tok: Any, task: Task, rows: list[dict[str, Any]], *, max_length: int = 128,

@@ -329,7 +329,7 @@ def _curve_callback(task: Task, tok: Any, rows: list[dict[str, Any]], cfg: RunCo
     classification. Each point is appended to ``curve.jsonl`` as it is measured."""
     from transformers import TrainerCallback
 
-    from .data import evaluate, heldout_loss
+    from .data import validation_scores
 
     class CurveLogger(TrainerCallback):
         def __init__(self) -> None:
@@ -337,12 +337,8 @@ def _curve_callback(task: Task, tok: Any, rows: list[dict[str, Any]], cfg: RunCo
             path.write_text("")
 
         def measure(self, model: Any, step: int) -> dict[str, Any]:
-            point: dict[str, Any] = {"step": step, "loss": heldout_loss(model, tok, task, rows,
-                                                                        max_length=cfg.max_length,
+            point: dict[str, Any] = {"step": step, **validation_scores(model, tok, task, rows, max_length=cfg.max_length,
                                                                         batch_size=cfg.eval_batch_size)}
-            if task.kind == "classification":
-                ev = evaluate(model, tok, task, rows, max_length=cfg.max_length, batch_size=cfg.eval_batch_size)
-                point.update({k: v for k, v in ev.items() if k != "n"})
             self.points.append(point)
             with open(path, "a") as f:
                 f.write(json.dumps(_json_safe(point)) + "\n")
@@ -557,13 +553,18 @@ def run_train(cfg: RunConfig, out: str | Path, *, progress: bool = True, train_r
     write_json(out / "eval.json", ev)
     val = None
     if val_rows:
-        from .data import heldout_loss
+        from .data import validation_scores
 
-        val = evaluate(adapted, tok, task, val_rows, max_length=cfg.max_length, eval_mode=cfg.eval_mode,
-                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
-        val.pop("examples", None)
-        val["loss"] = heldout_loss(adapted, tok, task, val_rows, max_length=cfg.max_length,
-                                   batch_size=cfg.eval_batch_size)
+        if task.kind == "classification":
+            val = validation_scores(adapted, tok, task, val_rows, max_length=cfg.max_length,
+                                    batch_size=cfg.eval_batch_size)
+        else:  # generation: the task metric needs decoding, the loss a teacher-forced pass
+            val = evaluate(adapted, tok, task, val_rows, max_length=cfg.max_length, eval_mode=cfg.eval_mode,
+                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+            val.pop("examples", None)
+            val["loss"] = validation_scores(adapted, tok, task, val_rows, max_length=cfg.max_length,
+                                            batch_size=cfg.eval_batch_size)["loss"]
+        val["n"] = len(val_rows)
     curve = list(curve_cb.points) if curve_cb is not None else []
     if curve_cb is not None and val is not None:
         curve.append({"step": int(trainer.state.global_step), **{k: v for k, v in val.items() if k != "n"}})
