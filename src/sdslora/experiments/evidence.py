@@ -105,7 +105,32 @@ def analyse(setting: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, An
             lora_gaps.append({"r": lora["r"], "full_minus_lora": (full["mean"] or 0) - (lora["mean"] or 0),
                               "interval": di, "significant": di is not None and di[0] > 0})
     wall = sum(x.get("train_wall_s") or 0.0 for x in runs)
-    return {"groups": out_groups, "gaps": gaps, "lora_gaps": lora_gaps, "n_runs": len(runs), "train_wall_s": wall}
+    by_run = {x["run"]: x for x in runs}
+    key = primary if metric else "loss"
+    convergence = {}
+    for g in out_groups:
+        c = mean_curve([by_run[n] for n in g["runs"]], key)
+        if len(c) >= 3:
+            last = c[-1]
+            q = min(c, key=lambda p: abs(p[0] - 0.75 * last[0]))
+            best = (max if metric else min)(c, key=lambda p: p[1])
+            convergence[f"{g['label']}|{g['r']}"] = {"key": key, "at_three_quarters": q, "final": last, "best": best}
+    return {"groups": out_groups, "gaps": gaps, "lora_gaps": lora_gaps, "n_runs": len(runs), "train_wall_s": wall,
+            "convergence": convergence}
+
+
+def mean_curve(runs: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    """The validation curve of ``key`` averaged over runs, on the steps all of them measured."""
+    curves = [{p["step"]: p.get(key) for p in x.get("curve") or []} for x in runs]
+    if not curves:
+        return []
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    out = []
+    for s in steps:
+        m = mean([c[s] for c in curves])
+        if m is not None:
+            out.append((s, m))
+    return out
 
 
 def _val_score(run: dict[str, Any], metric: str | None) -> float | None:
@@ -262,6 +287,11 @@ def _setting_md(name: str, setting: dict[str, Any], an: dict[str, Any], plots: l
                      f"{_pm(g['mean'], g['ci95'], len(g['values']))} | {other or '–'} | {_f(g['val'])} | {g['lr']:g} | "
                      f"{grid} | {_f(g['final_train_loss'])} | {g['trainable_parameters']:,} |")
     lines.append("")
+    conv = an.get("convergence", {}).get("full|None")
+    if conv:
+        q, f, b = conv["at_three_quarters"], conv["final"], conv["best"]
+        lines += [f"Has full fine-tuning converged? Its validation {conv['key']} (mean over seeds) was {q[1]:.4f} at "
+                  f"step {q[0]} and {f[1]:.4f} at the end (step {f[0]}); best {b[1]:.4f} at step {b[0]}.", ""]
     if an["lora_gaps"]:
         lines += ["**Does full fine-tuning beat LoRA here?** (Welch 95 % interval of mean(full) − mean(LoRA))", ""]
         for x in an["lora_gaps"]:
