@@ -406,7 +406,7 @@ def _markdown(s: dict[str, Any]) -> str:
         lines += ["## Diagnostics (mean over probes during training)", "",
                   "cos_g_geff = cos(G, G̃) (full gradient vs the method's effective gradient), cos_geff_gstar = "
                   "cos(G̃, G*) (vs the best gradient realisable in the current subspaces), erank = effective rank of "
-                  "the factor gradients, stable_rank_A of the A factor (SPEC §2). Full fine-tuning has no factors.", "",
+                  "the factor gradients, stable_rank_A of the A factor (docs/diagnostics.md). Full fine-tuning has no factors.", "",
                   _md_table(["method", *DIAG_KEYS], diag_rows), "", "![diagnostics](diagnostics.png)", ""]
     lines += ["Every number above is in `results.json`; per-run files (config, metrics.jsonl, adapter, PEFT export, "
               "eval.json) are under `runs/`.", ""]
