@@ -256,3 +256,21 @@ def test_validation_scores_match_evaluate_and_a_hand_computed_loss(study):
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.double()
             losses.append(float(torch.nn.functional.cross_entropy(logits, b["labels"])))
     assert got["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+
+
+def test_study_flags_reach_the_config():
+    from sdslora.cli import build_parser
+    from sdslora.cli_compare import build_compare_config
+
+    args = build_parser().parse_args([
+        "compare", "--task", "cola", "--methods", "lora,sds:lr_scale=0.35,full", "--lr-sweep", "1e-4,1e-3",
+        "--lr-sweep", "sds:lr_scale=0.35=1e-4,3e-4", "--lr-sweep", "full=1e-5,3e-5", "--val-max", "50",
+        "--widen", "1", "--eval-every", "20", "--evidence", "ev/cola"])
+    cc, _ = build_compare_config(args, "x")
+    assert cc.study and cc.lr_sweep == [1e-4, 1e-3] and cc.val_max == 50 and cc.widen == 1
+    assert cc.lr_grids == {"sds:lr_scale=0.35": [1e-4, 3e-4], "full": [1e-5, 3e-5]}
+    assert cc.grid_for("lora") == [1e-4, 1e-3] and cc.grid_for("full") == [1e-5, 3e-5]
+    assert cc.base.eval_every == 20 and cc.evidence_dir == "ev/cola"
+    args = build_parser().parse_args(["compare", "--task", "cola", "--lr-sweep", "dora=1e-3"])
+    with pytest.raises(ValueError, match="not compared"):
+        build_compare_config(args, "x")
