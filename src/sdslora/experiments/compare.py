@@ -459,7 +459,10 @@ def print_summary(summary: dict[str, Any]) -> None:
             t.add_column(c, justify="right" if c not in ("method",) else "left")
         for row in rows:
             t.add_row(*[str(row.get(c, "")) for c in cols])
-        Console().print(t)
+        import sys
+
+        # not a terminal (a log file, CI): a wide console so that the table is not cut at 80 columns
+        Console(width=None if sys.stdout.isatty() else 200).print(t)
     except ImportError:
         print(" | ".join(cols))
         for row in rows:

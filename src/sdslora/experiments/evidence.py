@@ -272,7 +272,8 @@ def _setting_md(name: str, setting: dict[str, Any], an: dict[str, Any], plots: l
               f"targets {b['targets']} (excluding {b['exclude']}), α = {b['alpha']} ({b['scaling']}); learning "
               f"curve every {b['eval_every']} steps; seeds {setting['seeds']} (the first one also runs the sweep). "
               f"{an['n_runs']} runs, {an['train_wall_s'] / 3600:.2f} h of training on this machine.", ""]
-    lines += ["Commands:", "", "```bash", *setting.get("commands", [setting.get("command", "")]), "```", ""]
+    lines += ["Commands that recorded runs into this study (in order; a study resumes, so later ones skip recorded runs):",
+              "", "```bash", *setting.get("commands", [setting.get("command", "")]), "```", ""]
     cols = ["rank", "method", f"eval {primary} (mean ± 95 % CI)", "other eval metrics",
             f"val {primary if setting['kind'] == 'classification' else 'loss'}", "lr (chosen)",
             "grid: validation score per lr", "final train loss", "trainable params"]

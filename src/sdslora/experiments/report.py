@@ -19,6 +19,9 @@ from .train import write_json
 
 DIAG_KEYS = ("cos_g_geff", "cos_geff_gstar", "erank_grad_A", "erank_grad_B", "stable_rank_A")
 WINDOW = 10
+DIAG_TITLES = {"cos_g_geff": "cos(G, G̃): effective vs full gradient", "cos_geff_gstar": "cos(G̃, G*): vs best in subspaces",
+               "erank_grad_A": "effective rank of ∇A", "erank_grad_B": "effective rank of ∇B",
+               "stable_rank_A": "stable rank of A"}
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -283,10 +286,11 @@ def _plots(out: Path, groups: dict[str, list[dict[str, Any]]], curves: dict[str,
                 n = min(len(h[0]) for h in have)
                 ax.plot(have[0][0][:n], [sum(h[1][i] for h in have) / len(have) for i in range(n)], marker="o",
                         ms=3, label=g)
-            ax.set_title(k)
-            ax.set_xlabel("step")
+            ax.set_title(DIAG_TITLES.get(k, k), fontsize=9)
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel("mean over adapted layers" + (" and seeds" if max(map(len, diags.values())) > 1 else ""))
             ax.grid(alpha=0.3)
-        axes[0][0].legend()
+            ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "diagnostics.png", dpi=110)
         plt.close(fig)
