@@ -274,3 +274,22 @@ def test_study_flags_reach_the_config():
     args = build_parser().parse_args(["compare", "--task", "cola", "--lr-sweep", "dora=1e-3"])
     with pytest.raises(ValueError, match="not compared"):
         build_compare_config(args, "x")
+
+
+def test_generation_study_selects_on_validation_loss(tmp_path):
+    from harness_fixtures import math_file, tiny_llama_dir
+
+    model = tiny_llama_dir(tmp_path / "llama")
+    data = math_file(tmp_path / "math.json", n=12)
+    base = RunConfig(model=str(model), task=None, train_file=str(data), eval_file=str(data), format="alpaca-number",
+                     method="lora", steps=2, batch_size=2, max_new_tokens=3, max_length=64, eval_every=1)
+    cc = CompareConfig(base=base, methods=["lora"], seeds=[0], lr_sweep=[1e-3, 1e-1], widen=0, val_fraction=0.25)
+    summary = run_compare(cc, tmp_path / "cmp", progress=False)
+    runs = {r["lr"]: r for r in summary["runs"]}
+    sweep = summary["learning_rates"]["lora"]
+    assert sweep["selected_on"] == "validation loss"
+    losses = {float(k): v for k, v in sweep["scores"].items()}
+    assert set(runs) == {min(losses, key=losses.get)}  # the lower validation loss wins
+    rec = next(iter(runs.values()))
+    assert set(rec["val"]) == {"loss", "n"} and rec["val"]["n"] == 3  # no decoding pass on the validation split
+    assert [p["step"] for p in rec["curve"]] == [0, 1, 2] and all("loss" in p for p in rec["curve"])

@@ -558,12 +558,14 @@ def run_train(cfg: RunConfig, out: str | Path, *, progress: bool = True, train_r
         if task.kind == "classification":
             val = validation_scores(adapted, tok, task, val_rows, max_length=cfg.max_length,
                                     batch_size=cfg.eval_batch_size)
-        else:  # generation: the task metric needs decoding, the loss a teacher-forced pass
-            val = evaluate(adapted, tok, task, val_rows, max_length=cfg.max_length, eval_mode=cfg.eval_mode,
-                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
-            val.pop("examples", None)
-            val["loss"] = validation_scores(adapted, tok, task, val_rows, max_length=cfg.max_length,
-                                            batch_size=cfg.eval_batch_size)["loss"]
+        else:  # generation: the teacher-forced loss (what a study selects on); option scoring is cheap enough to
+            # add its accuracy, greedy decoding of the whole split is not (the evaluation split gets it)
+            val = validation_scores(adapted, tok, task, val_rows, max_length=cfg.max_length,
+                                    batch_size=cfg.eval_batch_size)
+            if cfg.eval_mode == "loglik":
+                ev_val = evaluate(adapted, tok, task, val_rows, max_length=cfg.max_length, eval_mode="loglik",
+                                  batch_size=cfg.eval_batch_size)
+                val.update({k: v for k, v in ev_val.items() if k not in ("n", "examples")})
         val["n"] = len(val_rows)
     curve = list(curve_cb.points) if curve_cb is not None else []
     if curve_cb is not None and val is not None:
