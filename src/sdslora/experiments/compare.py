@@ -335,7 +335,7 @@ class _Runner:
         res["method"] = method  # the label the report groups by (a variant such as "sds:faithful" keeps its name)
         if self.evidence is not None:
             (self.evidence / "runs").mkdir(parents=True, exist_ok=True)
-            write_json(self.evidence / "runs" / f"{name}.json", {"format": EVIDENCE_FORMAT, **res})
+            write_json(self.evidence / "runs" / f"{name}.json", {"format": EVIDENCE_FORMAT, **res}, compact=True)
         return res
 
     def _from_evidence(self, name: str, cfg: RunConfig) -> dict[str, Any] | None:

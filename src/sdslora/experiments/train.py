@@ -198,9 +198,12 @@ def _json_safe(x: Any) -> Any:
     return x
 
 
-def write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any, *, compact: bool = False) -> None:
+    """Atomic JSON write (temporary file + rename); ``compact``: one line, no spaces (records kept in git)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
+    text = (json.dumps(_json_safe(data), separators=(",", ":"), allow_nan=False) if compact
+            else json.dumps(_json_safe(data), indent=2, allow_nan=False))
+    tmp.write_text(text + "\n")
     os.replace(tmp, path)
 
 
