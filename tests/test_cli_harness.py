@@ -107,9 +107,15 @@ def test_compare_without_arguments_is_the_demo_preset():
     assert cc.base == demo.base and cc.methods == ["lora", "sds", "full"] and cc.synthetic
     assert cc.base.model == "minilm-l6" and cc.base.task == "mrpc" and cc.base.r == 8
     assert cc.base.modules_to_save == ["classifier"] and cc.base.diagnostics_every > 0
+    assert cc.lrs == demo.lrs and set(cc.lrs) == {"lora", "sds", "full"}  # the rates the MRPC study chose
+    args = build_parser().parse_args(["compare", "--lr", "sds=2e-4"])
+    assert build_compare_config(args, "x")[0].lrs == {**demo.lrs, "sds": 2e-4}
+    args = build_parser().parse_args(["compare", "--lr", "3e-4", "--methods", "lora,sds"])
+    cc2, _ = build_compare_config(args, "x")
+    assert cc2.lrs == {} and cc2.base.lr == 3e-4
     args = build_parser().parse_args(["compare", "--steps", "7", "--seeds", "0,1", "--lr", "sds=1e-4"])
     cc, _ = build_compare_config(args, "x")
-    assert cc.base.steps == 7 and cc.seeds == [0, 1] and cc.lrs == {"sds": 1e-4}
+    assert cc.base.steps == 7 and cc.seeds == [0, 1] and cc.lrs == {**demo.lrs, "sds": 1e-4}
     args = build_parser().parse_args(["compare", "--task", "nope"])
     with pytest.raises(ValueError, match="unknown task"):
         build_compare_config(args, "x")

@@ -64,14 +64,15 @@ def build_compare_config(args: argparse.Namespace, argv_text: str) -> tuple[obje
         cc.seeds = [int(s) for s in _csv(args.seeds)]
     if args.ranks:
         cc.ranks = [int(s) for s in _csv(args.ranks)]
-    lrs: dict[str, float] = {}
+    lrs: dict[str, float] = dict(cc.lrs)  # the demo preset's learning rates, unless flags replace them
     for item in args.method_lr or []:
         m, sep, v = item.rpartition("=")  # the last "=": a variant label may hold "=" itself
         if sep:
             lrs[m.strip()] = float(v)
-        else:
+        else:  # one rate for every method: also replaces the preset's per-method rates
             cc.base = dataclasses.replace(cc.base, lr=float(v))
-    cc.lrs = lrs
+            lrs = {}
+    cc.lrs = {m: v for m, v in lrs.items() if m in cc.methods}
     for item in args.lr_sweep or []:
         m, sep, values = item.rpartition("=")
         grid = [float(x) for x in _csv(values) or []]
