@@ -343,6 +343,7 @@ class _Runner:
         res["run"] = name
         res["method"] = method  # the label the report groups by (a variant such as "sds:faithful" keeps its name)
         if self.evidence is not None:
+            res["machine"] = versions()
             (self.evidence / "runs").mkdir(parents=True, exist_ok=True)
             write_json(self.evidence / "runs" / f"{name}.json", {"format": EVIDENCE_FORMAT, **res}, compact=True)
         return res

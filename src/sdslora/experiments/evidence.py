@@ -105,6 +105,8 @@ def analyse(setting: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, An
             lora_gaps.append({"r": lora["r"], "full_minus_lora": (full["mean"] or 0) - (lora["mean"] or 0),
                               "interval": di, "significant": di is not None and di[0] > 0})
     wall = sum(x.get("train_wall_s") or 0.0 for x in runs)
+    machines = sorted({f"{m.get('processor')}, {m.get('cpu_count')} CPUs, torch {m.get('torch')}"
+                       + (f", GPU {m['gpu']}" if m.get("gpu") else "") for m in (x.get("machine") for x in runs) if m})
     by_run = {x["run"]: x for x in runs}
     key = primary if metric else "loss"
     convergence = {}
@@ -116,7 +118,7 @@ def analyse(setting: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, An
             best = (max if metric else min)(c, key=lambda p: p[1])
             convergence[f"{g['label']}|{g['r']}"] = {"key": key, "at_three_quarters": q, "final": last, "best": best}
     return {"groups": out_groups, "gaps": gaps, "lora_gaps": lora_gaps, "n_runs": len(runs), "train_wall_s": wall,
-            "convergence": convergence}
+            "convergence": convergence, "machines": machines}
 
 
 def mean_curve(runs: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
@@ -271,7 +273,8 @@ def _setting_md(name: str, setting: dict[str, Any], an: dict[str, Any], plots: l
               f"{b['batch_size']}×{b['grad_accum']} (max length {b['max_length']}), AdamW, {b['scheduler']} schedule, "
               f"targets {b['targets']} (excluding {b['exclude']}), α = {b['alpha']} ({b['scaling']}); learning "
               f"curve every {b['eval_every']} steps; seeds {setting['seeds']} (the first one also runs the sweep). "
-              f"{an['n_runs']} runs, {an['train_wall_s'] / 3600:.2f} h of training on this machine.", ""]
+              f"{an['n_runs']} runs, {an['train_wall_s'] / 3600:.2f} h of training"
+              + (f" ({'; '.join(an['machines'])})" if an.get("machines") else "") + ".", ""]
     lines += ["Commands that recorded runs into this study (in order; a study resumes, so later ones skip recorded runs):",
               "", "```bash", *setting.get("commands", [setting.get("command", "")]), "```", ""]
     cols = ["rank", "method", f"eval {primary} (mean ± 95 % CI)", "other eval metrics",
