@@ -293,3 +293,17 @@ def test_generation_study_selects_on_validation_loss(tmp_path):
     rec = next(iter(runs.values()))
     assert set(rec["val"]) == {"loss", "n"} and rec["val"]["n"] == 3  # no decoding pass on the validation split
     assert [p["step"] for p in rec["curve"]] == [0, 1, 2] and all("loss" in p for p in rec["curve"])
+
+
+def test_paired_interval_by_seed_matches_a_hand_computation(monkeypatch):
+    from sdslora.experiments.stats import paired_interval
+
+    monkeypatch.setitem(sys.modules, "scipy.stats", None)
+    lora = {0: 0.76, 1: 0.735, 2: 0.703}
+    sds = {0: 0.74, 1: 0.691, 2: 0.657, 7: 0.9}  # a seed only one side has is ignored
+    lo, hi, n = paired_interval(lora, sds)
+    d = [-0.020, -0.044, -0.046]
+    m = sum(d) / 3
+    sd = math.sqrt(sum((x - m) ** 2 for x in d) / 2)
+    assert n == 3 and (lo + hi) / 2 == pytest.approx(m) and (hi - lo) / 2 == pytest.approx(4.303 * sd / math.sqrt(3))
+    assert paired_interval({0: 1.0}, {0: 2.0}) is None

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .compare import select_lr, selection_key
-from .stats import diff_interval, gap_closed, mean, t_interval
+from .stats import diff_interval, gap_closed, mean, paired_interval, t_interval
 from .train import write_json
 
 NAMES = {"lora": "LoRA", "sds": "SDS-LoRA", "sds:faithful": "SDS-LoRA (faithful)", "full": "full fine-tuning",
@@ -97,13 +97,15 @@ def analyse(setting: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, An
             continue
         gc = gap_closed(lora["values"], g["values"], full["values"])
         gc["method_minus_lora"] = diff_interval(lora["values"], g["values"])
+        gc["method_minus_lora_paired"] = paired_interval(_by_seed(lora), _by_seed(g))
         gaps.append({"label": g["label"], "r": g["r"], **gc})
     lora_gaps = []
     if full is not None:
         for lora in (x for x in out_groups if x["label"] == "lora"):
             di = diff_interval(lora["values"], full["values"])
             lora_gaps.append({"r": lora["r"], "full_minus_lora": (full["mean"] or 0) - (lora["mean"] or 0),
-                              "interval": di, "significant": di is not None and di[0] > 0})
+                              "interval": di, "significant": di is not None and di[0] > 0,
+                              "paired": paired_interval(_by_seed(lora), _by_seed(full))})
     wall = sum(x.get("train_wall_s") or 0.0 for x in runs)
     machines = sorted({f"{m.get('processor')}, {m.get('cpu_count')} CPUs, torch {m.get('torch')}"
                        + (f", GPU {m['gpu']}" if m.get("gpu") else "") for m in (x.get("machine") for x in runs) if m})
@@ -133,6 +135,10 @@ def mean_curve(runs: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
         if m is not None:
             out.append((s, m))
     return out
+
+
+def _by_seed(g: dict[str, Any]) -> dict[int, float]:
+    return dict(zip(g["seeds"], g["values"]))
 
 
 def _val_score(run: dict[str, Any], metric: str | None) -> float | None:
@@ -302,7 +308,9 @@ def _setting_md(name: str, setting: dict[str, Any], an: dict[str, Any], plots: l
             iv = x["interval"]
             lines.append(f"- rank {x['r']}: {x['full_minus_lora']:+.4f}"
                          + (f" [{iv[0]:+.4f}, {iv[1]:+.4f}]" if iv else " (needs ≥ 2 seeds each)")
-                         + (" — **a gap**" if x["significant"] else " — not a gap beyond the interval"))
+                         + (" — **a gap**" if x["significant"] else " — not a gap beyond the interval")
+                         + (f"; paired by seed (same data order): [{x['paired'][0]:+.4f}, {x['paired'][1]:+.4f}]"
+                            if x.get("paired") else ""))
         lines.append("")
     if an["gaps"]:
         lines += ["**Share of the LoRA → full gap closed**, (method − LoRA) / (full − LoRA), 95 % bootstrap interval "
@@ -311,6 +319,9 @@ def _setting_md(name: str, setting: dict[str, Any], an: dict[str, Any], plots: l
         for x in an["gaps"]:
             mi = x.get("method_minus_lora")
             diff = f"method − LoRA [{mi[0]:+.4f}, {mi[1]:+.4f}]" if mi else "method − LoRA: needs ≥ 2 seeds"
+            pi = x.get("method_minus_lora_paired")
+            if pi:
+                diff += f", paired by seed [{pi[0]:+.4f}, {pi[1]:+.4f}]"
             if x["point"] is None:
                 lines.append(f"- {_name(x['label'])}, rank {x['r']}: no significant gap to close; {diff}")
             else:

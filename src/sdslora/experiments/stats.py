@@ -83,6 +83,18 @@ def diff_interval(xs: list[Any], ys: list[Any], conf: float = 0.95) -> tuple[flo
     return d - h, d + h
 
 
+def paired_interval(xs: dict[Any, Any], ys: dict[Any, Any], conf: float = 0.95) -> tuple[float, float, int] | None:
+    """t-interval of the mean per-seed difference ys[seed] − xs[seed] over the seeds both have (runs that share a
+    seed share their data order, so the difference removes the seed's own luck); (lo, hi, n) or None below 2."""
+    common = [k for k in xs if k in ys]
+    d = _finite([ys[k] - xs[k] for k in common if isinstance(xs[k], (int, float)) and isinstance(ys[k], (int, float))])
+    if len(d) < 2:
+        return None
+    m, h = t_interval(d, conf)
+    assert m is not None and h is not None
+    return m - h, m + h, len(d)
+
+
 def gap_closed(lora: list[Any], method: list[Any], full: list[Any], *, n_boot: int = 10000, seed: int = 0,
                conf: float = 0.95) -> dict[str, Any]:
     """Share of the LoRA -> full fine-tuning gap that ``method`` closes, (m − l) / (f − l) on the seed means, with
