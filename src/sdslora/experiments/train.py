@@ -39,7 +39,7 @@ from ..tasks import Task, file_task, get_task
 
 DEFAULT_LR = {"lora": 1e-3, "sds": 5e-4, "orthogonal": 5e-4, "full": 5e-5}
 """Per-method default learning rates (used when ``lr`` is not given). SDS-LoRA's best rate is 2x smaller than LoRA's
-on real models (SPEC §7); full fine-tuning uses the usual BERT-style rate. Other methods default to 5e-4."""
+on real models (docs/sds_stability.md); full fine-tuning uses the usual BERT-style rate. Other methods default to 5e-4."""
 FALLBACK_LR = 5e-4
 PRECISIONS = ("fp32", "bf16", "fp16")
 INIT_SAMPLES = 32  # training examples for data-driven initialisations (the SDS authors ran LoRA-GA with 32)
