@@ -381,7 +381,8 @@ class _Runner:
             "widen": cc.widen, "val_fraction": cc.val_fraction, "val_max": cc.val_max, "val_seed": VAL_SEED,
             "task": self.task.name, "kind": self.task.kind, "primary_metric": self.task.primary_metric,
             "n_train": len(self.train_rows), "n_val": len(self.val_rows or []), "n_eval": len(self.eval_rows),
-            "baseline": baseline_rate(self.task, self.eval_rows), "command": cc.command,
+            "baseline": baseline_rate(self.task, self.eval_rows),
+            "val_baseline": baseline_rate(self.task, self.val_rows or []), "command": cc.command,
         }
         f = self.evidence / "setting.json"
         if f.is_file():

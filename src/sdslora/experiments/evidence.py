@@ -177,9 +177,9 @@ def _plots(name: str, setting: dict[str, Any], runs: list[dict[str, Any]], an: d
                     lo = [min(x for x in v if x is not None) for v in vals]
                     hi = [max(x for x in v if x is not None) for v in vals]
                     ax.fill_between(steps, lo, hi, alpha=0.2, color=line.get_color())
-            base = (setting.get("baseline") or {}).get("primary")
-            if base is not None and key == primary:
-                ax.axhline(base, color="grey", ls="--", lw=1, label=f"{setting['baseline']['kind']} rate")
+            vb = setting.get("val_baseline") or {}  # the curves are on the validation split: its own rate
+            if vb.get("primary") is not None and key == primary:
+                ax.axhline(vb["primary"], color="grey", ls="--", lw=1, label=f"{vb['kind']} rate (validation split)")
             ax.set_title(f"rank {r}")
             ax.set_xlabel("optimizer step")
             ax.grid(alpha=0.3)
