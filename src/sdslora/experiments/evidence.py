@@ -267,6 +267,14 @@ def _setting_md(name: str, setting: dict[str, Any], an: dict[str, Any], plots: l
     primary = setting["primary_metric"]
     base = setting.get("baseline") or {}
     lines = [f"## {name}: {b['model']} on {setting['task']}", ""]
+    done = {(g["label"], g["r"]) for g in an["groups"] if len(g["values"]) >= len(setting["seeds"])}
+    want = {(m, None if m == "full" else r) for m in setting["methods"] for r in setting["ranks"]}
+    if want - done:
+        missing = ", ".join(f"{_name(m)}" + (f" r={r}" if r is not None else "") for m, r in sorted(
+            want - done, key=lambda x: (x[1] or 0, x[0])))
+        lines += [f"**In progress** ({an['n_runs']} runs recorded): not yet complete for {missing}. Rows below are "
+                  "what the records hold so far (a sweep still running may not have bracketed its best rate); the "
+                  "study resumes with the same command.", ""]
     bl = ""
     if base.get("kind") == "majority":
         bl = (f" Majority class {base['class']} = {base['value']:.4f} accuracy on the evaluation split"
