@@ -36,7 +36,7 @@ def add_run_arguments(p: argparse.ArgumentParser, *, grid: bool = False) -> None
     g.add_argument("--eval-file", help="evaluation file (with --format)")
     g.add_argument("--format", help="format of --train-file/--eval-file: cls, alpaca-number, alpaca-letter, "
                                     "alpaca-choice")
-    g.add_argument("--data-dir", help="local data folder (default: $SDSLORA_DATA_DIR or ../shared/data)")
+    g.add_argument("--data-dir", help="local data folder (default: $SDSLORA_DATA_DIR; MRPC also works without one: a subset ships in the package)")
     g.add_argument("--train-limit", type=int, help="use at most N training rows")
     g.add_argument("--eval-limit", type=int, help="evaluate on the first N rows")
     g.add_argument("--max-length", type=int)

@@ -1,7 +1,8 @@
 """Local data files: where the data directory is, and readers for the file formats the tasks use.
 
-The data directory is ``--data-dir``, else the environment variable ``SDSLORA_DATA_DIR``, else ``../shared/data``
-beside the repository checkout (when it exists). The small MRPC subset the demo needs ships inside the package
+The data directory is ``--data-dir``, else the environment variable ``SDSLORA_DATA_DIR`` (a folder laid out as
+``mrpc/``, ``sst2/``, ``cola/``, ``rte/`` with the GLUE TSV files, ``math/``, ``commonsense/`` with the LLM-Adapters
+JSON files). The small MRPC subset the demo needs ships inside the package
 (``sdslora/data/mrpc``, see its SOURCE.md), so ``sdslora compare`` works on a fresh machine.
 """
 
@@ -18,13 +19,9 @@ SHIPPED_MRPC = PACKAGE_DATA / "mrpc"
 
 
 def default_data_dir() -> Path | None:
-    """``SDSLORA_DATA_DIR`` if set, else ``<repo>/../shared/data`` if it exists, else None."""
+    """``SDSLORA_DATA_DIR`` if set, else None (tasks then use only what ships in the package: the MRPC subset)."""
     env = os.environ.get("SDSLORA_DATA_DIR")
-    if env:
-        return Path(env)
-    repo = PACKAGE_DATA.parents[2]  # src/sdslora/data -> repository root (editable / source checkout)
-    candidate = repo.parent / "shared" / "data"
-    return candidate if candidate.is_dir() else None
+    return Path(env) if env else None
 
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path | None:

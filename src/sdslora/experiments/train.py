@@ -59,7 +59,7 @@ class RunConfig:
         model: ``"minilm-l6"``, ``"smollm2-135m"`` or a local Hugging Face model folder.
         task: a registered task name (``sdslora.tasks.TASKS``), or None with ``train_file``/``eval_file`` and
             ``format`` (``sdslora.tasks.FILE_FORMATS``).
-        data_dir: the local data folder (default: ``$SDSLORA_DATA_DIR`` or ``../shared/data`` beside the repo).
+        data_dir: the local data folder (default: ``$SDSLORA_DATA_DIR``; MRPC falls back to the subset shipped in the package).
         method, options, r, alpha, scaling, targets, exclude, modules_to_save, dropout: the adapter
             (:class:`~sdslora.config.AdapterConfig`); ``modules_to_save=None`` trains the classification head
             (``classifier`` / ``score``) of classification models, nothing extra for generation.
