@@ -202,8 +202,6 @@ def split_validation(rows: list[dict[str, Any]], fraction: float, cap: int) -> t
     return rest, val
 
 
-_split_validation = split_validation
-
 
 def selection_key(res: dict[str, Any], metric: str | None) -> tuple[float, float]:
     """How a sweep run is ranked (higher is better): its validation ``metric`` (None: none, loss only), ties broken
@@ -478,14 +476,3 @@ def print_summary(summary: dict[str, Any]) -> None:
         print(" | ".join(cols))
         for row in rows:
             print(" | ".join(str(row.get(c, "")) for c in cols))
-
-
-def fmt_mean_std(xs: list[float], digits: int = 4) -> str:
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    if not xs:
-        return "-"
-    m = sum(xs) / len(xs)
-    if len(xs) == 1:
-        return f"{m:.{digits}f}"
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-    return f"{m:.{digits}f} ± {sd:.{digits}f}"

@@ -178,12 +178,6 @@ def validation_scores(model: nn.Module, tok: Any, task: Task, rows: list[dict[st
     return result
 
 
-def heldout_loss(model: nn.Module, tok: Any, task: Task, rows: list[dict[str, Any]], *, max_length: int = 128,
-                 batch_size: int = 32) -> float:
-    """The training loss on held-out ``rows`` (see :func:`validation_scores`)."""
-    return float(validation_scores(model, tok, task, rows, max_length=max_length, batch_size=batch_size)["loss"])
-
-
 def evaluate(model: nn.Module, tok: Any, task: Task, rows: list[dict[str, Any]], *, max_length: int = 128,
              eval_mode: str = "generate", max_new_tokens: int = 256, batch_size: int = 32) -> dict[str, Any]:
     """Metrics of ``model`` on ``rows`` (plus ``n`` and, for generation, a few example outputs)."""

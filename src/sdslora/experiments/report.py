@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .stats import mean as _mean
+from .stats import sample_var, t_interval
 from .train import write_json
 
 DIAG_KEYS = ("cos_g_geff", "cos_geff_gstar", "erank_grad_A", "erank_grad_B", "stable_rank_A")
@@ -24,23 +26,15 @@ DIAG_TITLES = {"cos_g_geff": "cos(G, G̃): effective vs full gradient", "cos_gef
                "stable_rank_A": "stable rank of A"}
 
 
-def _mean(xs: list[float]) -> float | None:
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    return sum(xs) / len(xs) if xs else None
-
-
 def _std(xs: list[float]) -> float | None:
     xs = [x for x in xs if x is not None and math.isfinite(x)]
     if len(xs) < 2:
         return 0.0 if xs else None
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    return math.sqrt(sample_var(xs))
 
 
 def _pm(xs: list[float], digits: int = 4) -> str:
     """mean ± half-width of the 95 % t-interval over seeds (the mean alone for one seed)."""
-    from .stats import t_interval
-
     m, h = t_interval(xs)
     if m is None:
         return "-"
@@ -48,8 +42,6 @@ def _pm(xs: list[float], digits: int = 4) -> str:
 
 
 def _ci(xs: list[float]) -> float | None:
-    from .stats import t_interval
-
     return t_interval(xs)[1]
 
 
@@ -240,8 +232,6 @@ def _plots(out: Path, groups: dict[str, list[dict[str, Any]]], curves: dict[str,
 
     # primary metric per method: mean with its 95 % t-interval over seeds, the majority / chance rate as a line,
     # the axis zoomed to the data (differences of a few points are what matters)
-    from .stats import t_interval
-
     fig, ax = plt.subplots(figsize=(6.4, 4))
     names = list(groups)
     stats = [t_interval([x["eval"].get(primary) for x in groups[g]]) for g in names]
