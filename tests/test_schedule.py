@@ -70,10 +70,14 @@ def test_decay_schedule_matches_spec(T, faithful):
             gaps = {b - a for a, b in zip(in_phase, in_phase[1:])}
             assert gaps == {phase}, (phase, gaps)
     model = _layer_model(faithful=faithful)
+    if T < TW:  # the run would end before the re-parameterisation: plain LoRA under the name sds is refused
+        with pytest.raises(ValueError, match=f"total_steps={T} ends before method 'sds'"):
+            _run_schedule(model, T, T)
+        return
     ctl, changed, events = _run_schedule(model, T, T)
     reparam = [e["step"] for e in events if e["event"] == "reparameterise"]
     refresh = [e["step"] for e in events if e["event"] == "refresh"]
-    assert reparam == ([TW] if T >= TW else [])
+    assert reparam == [TW]
     assert refresh == expected
     assert all(e["layers"] == 1 and e["skipped"] == 0 for e in events if e["event"] == "refresh")
     # the bases change exactly at the re-parameterisation and at the refreshes, never in between

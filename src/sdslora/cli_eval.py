@@ -51,6 +51,8 @@ def evaluate_cli(args: argparse.Namespace) -> tuple[dict, Path | None]:
 
     if args.task is None and args.eval_file is None:
         raise ValueError("give --task NAME or --eval-file FILE --format FMT")
+    if args.eval_limit is not None and args.eval_limit < 1:
+        raise ValueError(f"--eval-limit must be an int >= 1, got {args.eval_limit}")
     task = get_task(args.task) if args.task else file_task(args.format or "", None, args.eval_file)
     rows = task.load("eval", resolve_data_dir(args.data_dir))
     if args.eval_limit:

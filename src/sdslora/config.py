@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, Union
 
 SCALINGS = ("rslora", "standard")
 ADAPTER_DTYPES = ("float32", "base")
@@ -58,6 +60,7 @@ class AdapterConfig:
             raise ValueError(f"AdapterConfig.alpha must be a positive finite number, got {self.alpha!r}")
         if self.scaling not in SCALINGS:
             raise ValueError(f"AdapterConfig.scaling must be one of {SCALINGS}, got {self.scaling!r}")
+        check_field_types(AdapterConfig, {"dropout": self.dropout}, "AdapterConfig")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"AdapterConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.adapter_dtype not in ADAPTER_DTYPES:
@@ -111,7 +114,72 @@ def strict_from_dict(cls: type, data: Any, what: str) -> Any:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"unknown {what} field(s) {unknown}; known fields: {sorted(known)}")
+    check_field_types(cls, data, what)
     return cls(**data)
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    if hint is float:
+        return "a finite number"
+    if hint is int:
+        return "an integer"
+    if hint is bool:
+        return "true or false"
+    if hint is str:
+        return "a string"
+    if origin in (list, tuple) or hint in (list, tuple):
+        return "a list"
+    if origin is dict or hint is dict:
+        return "a mapping"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _matches_type(value: Any, hint: Any) -> bool:
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_matches_type(value, a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:  # bools are ints to Python, never to a user
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) or hint in (list, tuple):
+        args = typing.get_args(hint)
+        return isinstance(value, (list, tuple)) and (
+            not args or args[-1] is Ellipsis or all(_matches_type(v, args[0]) for v in value) or len(args) > 1
+        )
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return True  # a type this check does not know: the dataclass's own __post_init__ judges
+
+
+def check_field_types(cls: type, values: dict[str, Any], what: str) -> None:
+    """Raise a ValueError naming the field when a value does not have its dataclass field's annotated type (bools
+    are not integers, floats must be finite, ``"0.1"`` is not a number), before any arithmetic sees it."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # unresolvable annotations: leave the checking to the dataclass
+        return
+    for name, value in values.items():
+        hint = hints.get(name)
+        if hint is not None and not _matches_type(value, hint):
+            raise ValueError(f"{what} field {name}={value!r} must be {_type_name(hint)}")
 
 
 def parse_value(text: str) -> Any:

@@ -21,6 +21,17 @@ from .methods import AdapterLayer, StepOutcome
 from .model import AdaptedModel
 
 
+class NonFiniteError(FloatingPointError):
+    """Training produced NaN / Inf values where a method's duty needs finite ones (the model is left as it was
+    before the duty; the message names the step, the layer and the likely cause)."""
+
+
+NONFINITE_CAUSES = (
+    "likely causes: a learning rate too high for this model (the loss diverged), NaN/Inf in the inputs or the "
+    "loss, or float16 overflow (train in bf16 or fp32, keep adapter_dtype='float32')"
+)
+
+
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer inside wrappers such as accelerate's ``AcceleratedOptimizer``."""
     seen = 0
@@ -187,6 +198,7 @@ class Controller:
         self.options = cfg.method_options()
         layers = self.model.adapter_layers()
         self.layers = list(layers.values())
+        self.layer_names = list(layers)
         self.layer_cls = type(self.layers[0]) if self.layers else None
         needs_t = self.layer_cls is not None and self.layer_cls.requires_total_steps(self.options)
         saved = self.model._pending_controller_state
@@ -202,6 +214,15 @@ class Controller:
         if total_steps is not None and total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
         self.total_steps = total_steps
+        if total_steps is not None and self.layer_cls is not None and self.layer_cls.has_step_duties and not any(
+            self.layer_cls.duties_due(t, total_steps, self.options) for t in range(1, total_steps + 1)
+        ):
+            raise ValueError(
+                f"total_steps={total_steps} ends before method {cfg.method!r} runs any of its per-step duties (for "
+                "SDS-LoRA: the re-parameterisation after the warm-up, options.warmup_steps), so the run would train "
+                "plain LoRA under another name; train for more steps or shorten the warm-up"
+            )
+        self._warned_past_end = False
         resets = self.layer_cls is not None and self.layer_cls.has_step_duties
         why = _unsupported_sharding(model, self.model, optimizer) if resets else None
         if why:
@@ -211,6 +232,8 @@ class Controller:
                 "fsdp_version 2) instead; see docs/scaling.md"
             )
         self.optimizer = None if optimizer is None else unwrap_optimizer(optimizer)
+        if self.optimizer is not None:
+            self._warn_fp16_eps()
         if resets and self.optimizer is None:
             raise ValueError(f"method {cfg.method!r} resets optimizer state: pass the optimizer to the Controller")
         if self.optimizer is not None:
@@ -243,23 +266,94 @@ class Controller:
         self.model._controller = self
 
     def step(self, t: int | None = None) -> StepOutcome:
-        """Run the duties of optimizer step ``t`` (default: the next one). Returns what was done."""
+        """Run the duties of optimizer step ``t`` (default: the next one). Returns what was done.
+
+        A duty never runs on non-finite factors and never leaves non-finite ones: :class:`NonFiniteError` names
+        the step, the layer and the likely cause, and the adapter tensors are left as they were before the duty
+        (the step counter stays at the previous step). Resume from a checkpoint taken before the values went bad,
+        with a lower learning rate."""
         gradient_state = getattr(self._outer_optimizer, "gradient_state", None)  # accelerate's AcceleratedOptimizer
         if t is None and gradient_state is not None and not getattr(gradient_state, "sync_gradients", True):
             return StepOutcome()  # a micro-batch of an accumulation cycle: the optimizer did not step
-        self.t = self.t + 1 if t is None else int(t)
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
+            raise ValueError(f"Controller.step(t): t must be an int >= 1 (the optimizer step just taken), got {t!r}")
+        new_t = self.t + 1 if t is None else int(t)
+        if self.total_steps is not None and new_t > self.total_steps and not self._warned_past_end:
+            self._warned_past_end = True
+            warnings.warn(
+                f"Controller.step(): optimizer step {new_t} is past total_steps={self.total_steps}; the method's "
+                "schedule was planned for that many steps and does nothing more. Pass the run's real length as "
+                "total_steps.", stacklevel=2)
         if self.layer_cls is None:
+            self.t = new_t
             return StepOutcome()
-        due = self.layer_cls.duties_due(self.t, self.total_steps, self.options)
-        ctx = gathered_adapter_tensors(self.layers, broadcast=self._sync_now()) if due else contextlib.nullcontext({})
-        with ctx as alias:
-            out = self.layer_cls.on_optimizer_step(self.layers, self.t, self.total_steps, self.options)
+        due = self.layer_cls.duties_due(new_t, self.total_steps, self.options)
+        if not due:
+            self.t = new_t
+            return self.layer_cls.on_optimizer_step(self.layers, new_t, self.total_steps, self.options)
+        with gathered_adapter_tensors(self.layers, broadcast=self._sync_now()) as alias:
+            # inside the block the layers hold full (gathered) tensors; raising here skips the write-back into
+            # FSDP2 shards, and the snapshot below restores unsharded tensors, so a failed duty changes nothing
+            self._check_finite(new_t, "before")
+            snapshot = [(t_, t_.detach().clone()) for layer in self.layers for t_ in layer.adapter_tensors().values()]
+            try:
+                out = self.layer_cls.on_optimizer_step(self.layers, new_t, self.total_steps, self.options)
+                self._check_finite(new_t, "after")
+            except Exception as e:
+                with torch.no_grad():
+                    for dst, src in snapshot:
+                        dst.copy_(src)
+                for layer in self.layers:
+                    layer.sync_state()
+                if isinstance(e, NonFiniteError):
+                    raise
+                if isinstance(e, torch.linalg.LinAlgError) or "non-finite" in str(e):
+                    raise NonFiniteError(
+                        f"step {new_t}: a factorisation in method {self.model.method!r}'s duty failed ({e}); the "
+                        f"adapter was left as it was before the duty. {NONFINITE_CAUSES}"
+                    ) from e
+                raise
+            del snapshot
+        self.t = new_t
         if out.reset_params:
             self.reset_optimizer_state([alias.get(id(p), p) for p in out.reset_params])
         if out.state_maps:
             self.map_optimizer_state([(alias.get(id(p), p), left, right) for p, left, right in out.state_maps])
         self.events.extend(out.events)
         return out
+
+    def _check_finite(self, t: int, when: str) -> None:
+        flags = [torch.isfinite(x).all() for layer in self.layers for x in layer.adapter_tensors().values()
+                 if x.is_floating_point()]
+        if not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):  # one host sync
+            return
+        for name, layer in zip(self.layer_names, self.layers, strict=True):
+            for t_name, tensor in layer.adapter_tensors().items():
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    n_bad = int((~torch.isfinite(tensor)).sum())
+                    if when == "before":
+                        what = (f"before method {self.model.method!r}'s duty after optimizer step {t}, layer "
+                                f"{name!r} holds {n_bad} NaN/Inf value(s) in {t_name}: training had already diverged")
+                    else:
+                        what = (f"method {self.model.method!r}'s duty after optimizer step {t} produced {n_bad} "
+                                f"NaN/Inf value(s) in {t_name} of layer {name!r}")
+                    raise NonFiniteError(
+                        f"{what}; the duty did not run and the adapter is as it was. {NONFINITE_CAUSES}. To go on, "
+                        "resume from a checkpoint saved before this step with a lower learning rate."
+                    )
+
+    def _warn_fp16_eps(self) -> None:
+        assert self.optimizer is not None
+        mine = {id(p) for p in self.model.adapter_parameters()}
+        for g in self.optimizer.param_groups:
+            eps = g.get("eps")
+            half = [p for p in g["params"] if id(p) in mine and p.dtype == torch.float16]
+            if half and isinstance(eps, (int, float)) and eps < 1e-7:
+                warnings.warn(
+                    f"the adapter's parameters are float16 and the optimizer's eps={eps:g} is below float16's "
+                    "resolution (it rounds to 0, and Adam's update divides by it): expect Inf/NaN factors. Keep "
+                    "adapter_dtype='float32' (the default) or use eps >= 1e-6.", stacklevel=3)
+                return
 
     # keys of torch Adam/AdamW state that hold per-element first / second moments
     FIRST_MOMENTS = ("exp_avg", "momentum_buffer")
@@ -361,6 +455,18 @@ class Controller:
                 "events": list(self.events)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict):
+            raise ValueError(f"a Controller state must be a mapping, got {type(state).__name__}")
+        t = state.get("t", 0)
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise ValueError(f"the saved Controller state has step t={t!r}; it must be an int >= 0 (corrupt adapter "
+                             "file? save the adapter again)")
+        saved_total = state.get("total_steps")
+        if saved_total is not None and (isinstance(saved_total, bool) or not isinstance(saved_total, int)
+                                        or saved_total < 1):
+            raise ValueError(f"the saved Controller state has total_steps={saved_total!r}; it must be an int >= 1")
+        if not isinstance(state.get("events", []), list):
+            raise ValueError("the saved Controller state's 'events' must be a list")
         if state.get("method") not in (None, self.model.adapter_config.method):
             raise ValueError(f"controller state is for method {state.get('method')!r}, not {self.model.method!r}")
         saved_t = state.get("total_steps")

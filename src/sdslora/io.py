@@ -7,11 +7,13 @@ files in the target folder that are not ours are left alone.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,24 +35,108 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
+STAGING_PREFIX = ".sdslora-staging-"
+COMMIT_NAME = "COMMIT.json"
+_fault_hook: Callable[[str], None] | None = None  # tests inject failures at each named point of a save
+
+
+def _fault(point: str) -> None:
+    if _fault_hook is not None:
+        _fault_hook(point)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _finish_staged(stage: Path, target: Path) -> None:
+    """Roll a committed staging folder forward: move its files into ``target`` (JSON last), drop the files the new
+    version no longer has, remove the staging folder. Idempotent: a crash in here is finished by the next call."""
+    plan = json.loads((stage / COMMIT_NAME).read_text())
+    names = sorted(plan.get("files", []), key=lambda n: n.endswith(".json"))  # weights first, config last
+    for name in names:
+        src = stage / name
+        if src.exists():
+            _fault(f"replace:{name}")
+            os.replace(src, target / name)
+    for name in plan.get("remove", []):
+        (target / name).unlink(missing_ok=True)
+    _fsync_dir(target)
+    _fault("replaced")
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def recover_folder(path: str | Path) -> list[str]:
+    """Finish or discard interrupted saves in ``path``: a staging folder whose commit marker was written is rolled
+    forward (the save had completed its writes), any other is removed (the previous version is intact). Returns what
+    was done, one line per staging folder. Saves and loads call it first; it needs write access only when there is
+    something to clean."""
+    path = Path(path)
+    done: list[str] = []
+    if not path.is_dir():
+        return done
+    for stage in sorted(path.glob(STAGING_PREFIX + "*")):
+        if not stage.is_dir():
+            continue
+        if (stage / COMMIT_NAME).is_file():
+            _finish_staged(stage, path)
+            done.append(f"finished the interrupted save {stage.name}")
+        else:
+            shutil.rmtree(stage, ignore_errors=True)
+            done.append(f"removed the incomplete save {stage.name}")
+    # staging folders of sdslora < 0.1.1 lived beside the target
+    for old in path.parent.glob(f".{path.name}.tmp-*"):
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+            done.append(f"removed the incomplete save {old.name}")
+    return done
+
+
 @contextmanager
 def _staged_dir(path: str | Path, owned: tuple[str, ...]) -> Iterator[Path]:
-    """Yield a temporary folder; on success move the ``owned`` files written there into ``path``."""
+    """Yield a staging folder inside ``path``; once the block has written the new files there, switch to them
+    atomically: a commit marker is written (the point of no return), then the files are moved into ``path``.
+
+    A save interrupted before the marker leaves the previous version untouched (its staging folder is removed by
+    the next save or load); one interrupted after it is finished by the next save or load (:func:`recover_folder`).
+    Files of ``owned`` that the new version does not have are removed; other files in ``path`` are left alone."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} exists and is not a folder; choose another output path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    path.mkdir(parents=True, exist_ok=True)
+    recover_folder(path)
+    stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=path))
     try:
-        yield tmp
-        path.mkdir(parents=True, exist_ok=True)
-        # weights first, config last: a reader that finds the new config also finds the new weights
-        for name in sorted(owned, key=lambda n: n.endswith(".json")):
-            src = tmp / name
-            if src.exists():
-                os.replace(src, path / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        yield stage
+        written = sorted(n for n in owned if (stage / n).is_file())
+        for name in written:
+            _fsync_file(stage / name)
+        _fault("written")
+        plan = {"files": written, "remove": sorted(n for n in owned if n not in written)}
+        marker = stage / (COMMIT_NAME + ".tmp")
+        marker.write_text(json.dumps(plan))
+        _fsync_file(marker)
+        os.replace(marker, stage / COMMIT_NAME)  # the commit point
+        _fsync_dir(stage)
+    except Exception:
+        shutil.rmtree(stage, ignore_errors=True)  # nothing was switched: the previous version stays
+        raise
+    _fault("committed")
+    _finish_staged(stage, path)
 
 
 def _cpu_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -70,17 +156,42 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
-def _base_model_info(model: nn.Module) -> dict[str, Any]:
+def _base_model_info(model: nn.Module, record_path: bool = False) -> dict[str, Any]:
+    """What identifies the base model without leaking the local folder layout: a hub id as given, a local folder by
+    its last name only (unless ``record_path``), and a hash of the model's configuration."""
     cfg = getattr(model, "config", None)
-    return {
-        "class": type(model).__name__,
-        "name_or_path": getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None) or None,
-    }
+    name = getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None) or None
+    info: dict[str, Any] = {"class": type(model).__name__, "name_or_path": name}
+    if isinstance(name, str) and not record_path and (os.path.isabs(name) or os.path.exists(name)):
+        info["name_or_path"] = Path(name).name or None  # a local folder: its name, not where it lives
+        info["local_path_withheld"] = True
+    to_dict = getattr(cfg, "to_dict", None)
+    if callable(to_dict):
+        try:
+            data = {k: v for k, v in to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+            text = json.dumps(data, sort_keys=True, default=str)
+            info["config_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+        except Exception:  # a config that does not serialise: the class and name identify it
+            pass
+    return info
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # ---- native format ---------------------------------------------------------------------------------------------
-def save_adapter(model: AdaptedModel, path: str | Path) -> Path:
+def save_adapter(model: AdaptedModel, path: str | Path, *, record_path: bool = False) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` to ``path`` (created if needed).
+
+    The switch to the new files is atomic (see :func:`_staged_dir`): a save that fails or is killed leaves the
+    previous adapter in ``path`` loadable, never a mix; the JSON records a SHA-256 of the weights file, checked on
+    load. The base model is recorded by name and configuration hash; its local folder only with ``record_path``.
+    Refuses (ValueError) to save NaN/Inf values, naming the tensor.
 
     Under torch.distributed call it on every rank when the model is FSDP2-sharded (the shards are gathered, a
     collective); only rank 0 writes (under DDP, calling it on rank 0 alone is fine too)."""
@@ -90,24 +201,32 @@ def save_adapter(model: AdaptedModel, path: str | Path) -> Path:
     if any(layer.merged for layer in model.adapter_layers().values()):
         raise RuntimeError("unmerge() before saving: a merged adapter's base weights already contain ΔW")
     tensors = _cpu_tensors(model.adapter_state_dict())
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(
+            f"the adapter holds NaN/Inf values ({len(bad)} tensor(s), e.g. {bad[0]!r}): training diverged; nothing "
+            "was saved (a previous save in that folder is untouched). Resume from an earlier checkpoint with a "
+            "lower learning rate."
+        )
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "sdslora_version": __version__,
         "config": model.adapter_config.to_dict(),
         "layers": {
-            name: {"method": layer.method, "in": layer.in_features, "out": layer.out_features,
-                   "extra": layer.extra_state()}
+            name: {"method": layer.method, "in": layer.in_features, "out": layer.out_features, "r": layer.r,
+                   "scale": layer.scale, "extra": layer.extra_state()}
             for name, layer in model.adapter_layers().items()
         },
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
         "controller": model._controller.state_dict() if model._controller is not None else None,
-        "base_model": _base_model_info(model.model),
+        "base_model": _base_model_info(model.model, record_path),
     }
     if dist_rank() != 0:  # under torch.distributed every rank gathers (FSDP2), rank 0 alone writes
         return Path(path)
     with _staged_dir(path, (WEIGHTS_NAME, CONFIG_NAME)) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": FORMAT})
+        meta["weights_sha256"] = _sha256(tmp / WEIGHTS_NAME)
         _write_json(tmp / CONFIG_NAME, meta)
     return Path(path)
 
@@ -127,7 +246,10 @@ def read_adapter_meta(path: str | Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         hint = " (this looks like a PEFT adapter: load it with peft)" if isinstance(meta, dict) and "peft_type" in meta else ""
         raise ValueError(f"{cfg_file} is not an sdslora adapter config{hint}")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"{cfg_file} is corrupt: format_version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
         raise ValueError(
             f"{path} was written by a newer sdslora (format {meta['format_version']}); upgrade sdslora to load it"
         )
@@ -137,6 +259,30 @@ def read_adapter_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def _check_layer_meta(meta: dict[str, Any], config: AdapterConfig, path: Path) -> None:
+    """The per-layer records must agree with the config (an edited JSON must not load with other numbers)."""
+    cfg_file = path / CONFIG_NAME
+    for name, rec in meta["layers"].items():
+        if not isinstance(rec, dict):
+            raise ValueError(f"{cfg_file} is corrupt: the record of layer {name!r} is not a mapping")
+        if rec.get("method", config.method) != config.method:
+            raise ValueError(
+                f"{cfg_file} is inconsistent: layer {name!r} was saved by method {rec['method']!r} but the config "
+                f"says {config.method!r} (was the file edited?); save the adapter again"
+            )
+        if "r" in rec and rec["r"] != config.r:
+            raise ValueError(
+                f"{cfg_file} is inconsistent: layer {name!r} was saved at rank {rec['r']} but the config says "
+                f"r={config.r} (was the file edited?); save the adapter again"
+            )
+        if "scale" in rec and not math.isclose(float(rec["scale"]), config.scale, rel_tol=1e-9, abs_tol=0.0):
+            raise ValueError(
+                f"{cfg_file} is inconsistent: layer {name!r} was saved with scale {rec['scale']:.6g} but the config "
+                f"(alpha={config.alpha}, r={config.r}, scaling={config.scaling!r}) gives {config.scale:.6g}; the "
+                "outputs would differ from the trained model. Was the file edited? Save the adapter again"
+            )
+
+
 def load_adapter(base_model: nn.Module, path: str | Path) -> AdaptedModel:
     """Attach the adapter saved in ``path`` to ``base_model`` (a fresh copy of the model it was trained on).
 
@@ -144,6 +290,12 @@ def load_adapter(base_model: nn.Module, path: str | Path) -> AdaptedModel:
     not match the saved adapter.
     """
     path = Path(path)
+    if path.is_dir() and any(path.glob(STAGING_PREFIX + "*")):
+        try:
+            recover_folder(path)  # an interrupted save: finish it (committed) or drop it (not)
+        except OSError as e:
+            raise ValueError(f"{path} holds an interrupted save that could not be finished ({e}); open the folder "
+                             "with write access once, or save the adapter again") from e
     meta = read_adapter_meta(path)
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
@@ -156,7 +308,16 @@ def load_adapter(base_model: nn.Module, path: str | Path) -> AdaptedModel:
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise ValueError(f"{weights} is incomplete: {len(missing)} tensor(s) missing, e.g. {missing[0]!r}")
+    digest = meta.get("weights_sha256")
+    if isinstance(digest, str) and _sha256(weights) != digest:
+        raise ValueError(f"{weights} is not the file {CONFIG_NAME} was saved with (its SHA-256 differs): the folder "
+                         "was edited or mixed with another save; save the adapter again")
+    bad = [k for k in expected if tensors[k].is_floating_point() and not bool(torch.isfinite(tensors[k]).all())]
+    if bad:
+        raise ValueError(f"{weights} holds NaN/Inf values ({len(bad)} tensor(s), e.g. {bad[0]!r}): it was saved from "
+                         "a diverged run; load an earlier checkpoint")
     config = AdapterConfig.from_dict(meta["config"])
+    _check_layer_meta(meta, config, path)
     with deferred_init():  # the saved tensors replace any initialisation; post_load() below finishes the layers
         adapted = attach(base_model, config, _exact_targets=list(meta["layers"]), _from_saved=True)
     try:
@@ -179,12 +340,10 @@ def load_adapter(base_model: nn.Module, path: str | Path) -> AdaptedModel:
                 own[k].copy_(tensors[k].to(own[k].dtype))
         for name, layer in adapted.adapter_layers().items():
             layer.load_extra_state(meta["layers"][name].get("extra", {}))
-            sync = getattr(layer, "_sync_phase", None)
-            if sync is not None:
-                sync()
+            layer.sync_state()
             layer.post_load()
     except Exception:
-        adapted.unload()  # leave the user's base model as it was
+        adapted._rollback()  # leave the user's base model as it was (modules and requires_grad flags)
         raise
     adapted._pending_controller_state = meta.get("controller")
     return adapted
@@ -211,13 +370,16 @@ def export_peft(
     *,
     dtype: torch.dtype = torch.float32,
     max_rank: int | None = None,
+    record_path: bool = False,
 ) -> Path:
     """Export an exact plain LoRA (``ΔW = B'A'``, scale 1, scale folded into B') in PEFT's format.
 
     SDS-LoRA exports at rank 2r. vLLM caps the LoRA rank (``--max-lora-rank``); ``max_rank`` compresses every layer
     by an exact truncated SVD of its ΔW to at most that rank; the relative Frobenius errors are written to
     ``export_report.json``. Layers whose ranks differ are exported with
-    PEFT's ``rank_pattern`` / ``alpha_pattern``.
+    PEFT's ``rank_pattern`` / ``alpha_pattern``. ``base_model_name_or_path`` is the base model's hub id, or for a
+    local folder its name only (``record_path=True`` writes the full local path, so that
+    ``AutoPeftModel.from_pretrained`` finds the base on this machine).
     """
     if not isinstance(model, AdaptedModel):
         raise TypeError(f"export_peft() takes an AdaptedModel, got {type(model).__name__}")
@@ -262,12 +424,16 @@ def export_peft(
                 for k, v in mod.state_dict().items():
                     tensors[f"base_model.model.{n}.{k}"] = v
     tensors = _cpu_tensors(tensors, dtype)
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"the export would hold NaN/Inf values ({len(bad)} tensor(s), e.g. {bad[0]!r}): the adapter "
+                         "diverged, or its values overflow the export dtype; nothing was written")
     rank = max(ranks.values())
     rank_pattern = {n: k for n, k in ranks.items() if k != rank}
     cfg = {
         "peft_type": "LORA",
         "task_type": _task_type(model.model),
-        "base_model_name_or_path": _base_model_info(model.model)["name_or_path"],
+        "base_model_name_or_path": _base_model_info(model.model, record_path)["name_or_path"],
         "r": rank,
         "lora_alpha": rank,
         "rank_pattern": rank_pattern,

@@ -147,6 +147,11 @@ def attach(
             f"{spec.description.split(',')[0]} (method {config.method!r}) needs init_data: a few batches of "
             "training data for its gradient-based initialisation (attach(model, config, init_data=[batch, ...]))"
         )
+    roots: list[str] = []
+    if config.modules_to_save:  # checked before anything changes: a failing attach leaves the model as it was
+        roots = [n for n, _ in model.named_modules() if n and _matches(n, config.modules_to_save)]
+        if not roots:
+            raise ValueError(f"modules_to_save={config.modules_to_save} matched no module of the model")
     new = {  # built (and checked) before the gradient pass, swapped in after it
         name: spec.layer_cls(model.get_submodule(name), config.r, config.scale, config.dropout,
                              config.adapter_dtype, options)
@@ -157,21 +162,27 @@ def attach(
         from .init import estimate_gradients
 
         grads = estimate_gradients(model, targets, init_data, init_loss)  # on the plain model
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, layer in new.items():
-        if data_init:
-            layer.init_from_gradient(grads.pop(name))
-        _set_module(model, name, layer)
-        layers[name] = layer
-    if config.modules_to_save:
-        roots = [n for n, _ in model.named_modules() if n and _matches(n, config.modules_to_save)]
-        if not roots:
-            raise ValueError(f"modules_to_save={config.modules_to_save} matched no module of the model")
+    flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, layer in new.items():
+            if data_init:
+                layer.init_from_gradient(grads.pop(name))
+            _set_module(model, name, layer)
+            layers[name] = layer
         for n in roots:
             for p in model.get_submodule(n).parameters():
                 p.requires_grad_(True)
-    return AdaptedModel(model, config, layers)
+    except BaseException:
+        for name, layer in layers.items():  # put the plain modules back, restore every flag
+            _set_module(model, name, layer.base_layer)
+        for p, flag in flags.values():
+            p.requires_grad_(flag)
+        raise
+    adapted = AdaptedModel(model, config, layers)
+    adapted._grad_flags = flags
+    return adapted
 
 
 class _Forward:
@@ -213,6 +224,7 @@ class AdaptedModel(nn.Module):
         self._controller: Any = None
         self._pending_controller_state: dict[str, Any] | None = None
         self._unloaded = False
+        self._grad_flags: dict[int, tuple[nn.Parameter, bool]] = {}  # requires_grad before attach (for rollback)
 
     forward = _ForwardDescriptor()  # type: ignore[assignment]
 
@@ -349,17 +361,25 @@ class AdaptedModel(nn.Module):
         self._unloaded = True
         return self.model
 
+    def _rollback(self) -> nn.Module:
+        """Undo attach() after a failed call (e.g. a load): plain modules back and every ``requires_grad`` flag as
+        it was before attach()."""
+        model = self.unload()
+        for p, flag in self._grad_flags.values():
+            p.requires_grad_(flag)
+        return model
+
     def merge_and_unload(self) -> nn.Module:
         """A plain ``nn.Module`` with W0 + ΔW in every adapted layer."""
         return self.unload(merge=True)
 
     # ---- persistence (see io.py) ------------------------------------------------------------------------------
-    def save_adapter(self, path: str | Path) -> Path:
+    def save_adapter(self, path: str | Path, **kwargs: Any) -> Path:
         """Native adapter folder: ``adapter_config.json`` + ``adapter_model.safetensors`` (with Q buffers,
-        layer state and the Controller state)."""
+        layer state and the Controller state); see :func:`sdslora.io.save_adapter`."""
         from .io import save_adapter
 
-        return save_adapter(self, path)
+        return save_adapter(self, path, **kwargs)
 
     def export_peft(self, path: str | Path, **kwargs: Any) -> Path:
         """Standard PEFT LoRA folder that ``peft.PeftModel.from_pretrained(base, path)`` loads."""

@@ -9,7 +9,9 @@ JSON files). The small MRPC subset the demo needs ships inside the package
 from __future__ import annotations
 
 import csv
+import io
 import json
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -43,36 +45,126 @@ def need_file(path: Path, what: str) -> Path:
     return path
 
 
-def read_tsv(path: Path, header: bool = True) -> list[dict[str, str]] | list[list[str]]:
-    """Rows of a tab-separated file (BOM-tolerant, no quoting: GLUE files contain bare quotes)."""
-    with open(need_file(path, "TSV"), encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    rows = [r for r in rows if r and any(c.strip() for c in r)]
+def _read_text(path: Path, what: str) -> str:
+    """The text of ``path`` (UTF-8, BOM-tolerant), with a ValueError naming the file when it is not UTF-8."""
+    data = need_file(path, what).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path} line {line} is not UTF-8 text ({e.reason} at byte {e.start}); save the file as "
+                         "UTF-8") from e
+
+
+def read_tsv_lines(path: Path, header: bool = True, columns: tuple[str, ...] = ()
+                   ) -> list[tuple[int, dict[str, str]]] | list[tuple[int, list[str]]]:
+    """:func:`read_tsv` with the file line number (1-based) of every row: ``[(line, row), ...]``.
+
+    With ``header``, every row must have as many fields as the header (extra fields that are empty are tolerated:
+    trailing tabs), and ``columns`` names the header fields the caller needs; a ValueError names the file and line
+    otherwise.
+    """
+    text = _read_text(path, "TSV")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    rows = [(reader.line_num, r) for r in reader if r and any(c.strip() for c in r)]
     if not header:
         return rows
     if not rows:
-        raise ValueError(f"{path} is empty")
-    head = [h.strip() for h in rows[0]]
+        raise ValueError(f"{path} is empty (a TSV file with a header line was expected)")
+    head_line, head = rows[0][0], [h.strip() for h in rows[0][1]]
+    missing = [c for c in columns if c not in head]
+    if missing:
+        raise ValueError(f"{path} line {head_line}: the header has no column(s) {missing}; it has {head}")
     out = []
-    for i, r in enumerate(rows[1:], start=2):
-        if len(r) < len(head):
-            raise ValueError(f"{path} line {i}: {len(r)} columns, expected {len(head)} ({head})")
-        out.append(dict(zip(head, r)))
+    for line, r in rows[1:]:
+        if len(r) < len(head) or any(c.strip() for c in r[len(head):]):
+            raise ValueError(f"{path} line {line} has {len(r)} tab-separated field(s), but the header (line {head_line}) "
+                             f"has {len(head)} ({head}); fix or remove that row")
+        out.append((line, dict(zip(head, r))))
     return out
 
 
-def read_json_list(path: Path) -> list[dict[str, Any]]:
-    """A JSON list of objects, or JSON lines (one object a line)."""
-    text = need_file(path, "JSON").read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
+def read_tsv(path: Path, header: bool = True) -> list[dict[str, str]] | list[list[str]]:
+    """Rows of a tab-separated file (BOM-tolerant, no quoting: GLUE files contain bare quotes); with ``header``, a
+    dict per row. A row whose field count does not match the header raises a ValueError naming the file and line."""
+    return [r for _, r in read_tsv_lines(path, header)]
+
+
+def _kind(x: Any) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(x), "number")
+
+
+def read_json_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """:func:`read_json_list` with where each object is in the file: ``[("line 17", {...}), ...]`` for JSON lines,
+    ``("entry 3", ...)`` (1-based) for a JSON list.
+
+    A malformed file raises a ValueError naming the file and the line (JSON lines: the file line of the bad row;
+    a JSON document: line and column of the parse error)."""
+    text = _read_text(path, "JSON")
+    doc_error: json.JSONDecodeError | None = None
+    if path.suffix != ".jsonl":
         try:
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+            data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is neither a JSON list nor JSON lines: {e}") from e
-    if isinstance(data, dict):  # JSON lines with a single line
-        data = [data]
-    if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
-        raise ValueError(f"{path} must hold a list of JSON objects")
-    return data
+            doc_error = e
+        else:
+            if isinstance(data, dict):  # one object (JSON lines with a single line)
+                return [("line 1" if "\n" not in text.strip() else "entry 1", data)]
+            if not isinstance(data, list):
+                raise ValueError(f"{path} must hold a list of JSON objects (or one JSON object a line), got a JSON "
+                                 f"{_kind(data)}")
+            for i, x in enumerate(data, start=1):
+                if not isinstance(x, dict):
+                    raise ValueError(f"{path}: entry {i} of the list is a JSON {_kind(x)}, not an object")
+            return [(f"entry {i}", x) for i, x in enumerate(data, start=1)]
+        if text.lstrip().startswith("["):  # a JSON list, not JSON lines
+            raise _doc_error(path, doc_error)
+    out: list[tuple[str, dict[str, Any]]] = []
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            if not out and doc_error is not None and doc_error.lineno > n:
+                raise _doc_error(path, doc_error) from None  # a multi-line JSON document, not JSON lines
+            raise ValueError(f"{path} line {n} is not valid JSON ({e.msg}: column {e.colno}); fix or remove that "
+                             "row") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path} line {n} is a JSON {_kind(obj)}, not an object; JSON lines files hold one "
+                             "object a line")
+        out.append((f"line {n}", obj))
+    return out
+
+
+def _doc_error(path: Path, e: json.JSONDecodeError) -> ValueError:
+    return ValueError(f"{path} is not valid JSON: line {e.lineno} column {e.colno}: {e.msg} (a JSON list of objects, "
+                      "or one JSON object a line, was expected)")
+
+
+def read_json_list(path: Path) -> list[dict[str, Any]]:
+    """A JSON list of objects, or JSON lines (one object a line); see :func:`read_json_records` for the errors."""
+    return [x for _, x in read_json_records(path)]
+
+
+def class_label(value: Any, num_labels: int | None, where: str, owner: str) -> int:
+    """``value`` as a class id of a ``num_labels``-way head (ints, integral floats and their strings), else a
+    ValueError that names ``where`` (file and line, or split and row), the label and the allowed range of ``owner``
+    (``"task mrpc"``)."""
+    label: int | None = None
+    integral_float = isinstance(value, float) and value.is_integer()
+    if (isinstance(value, numbers.Integral) and not isinstance(value, bool)) or integral_float:
+        label = int(value)
+    elif isinstance(value, str):
+        try:
+            label = int(value.strip())
+        except ValueError:
+            label = None
+    allowed = "" if num_labels is None else f"{owner} has {num_labels} classes (labels 0..{num_labels - 1})"
+    if label is None:
+        raise ValueError(f"{where} has label {value!r}, which is not an integer class id"
+                         + (f"; {allowed}" if allowed else ""))
+    if num_labels is not None and not 0 <= label < num_labels:
+        raise ValueError(f"{where} has label {label}, but {allowed}")
+    return label

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data import class_label
 from ..tasks import Task, alpaca_prompt, choice_labels
 
 
@@ -28,12 +29,16 @@ class ListDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def encode_classification(tok: Any, rows: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
+def encode_classification(tok: Any, rows: list[dict[str, Any]], max_length: int, num_labels: int | None = None,
+                          owner: str = "the model's head") -> list[dict[str, Any]]:
+    """Tokenised rows; with ``num_labels``, a label outside ``0..num_labels-1`` raises a ValueError naming the row
+    (1-based), the label and the range (before any tensor sees it)."""
     out = []
-    for r in rows:
+    for i, r in enumerate(rows, start=1):
+        label = class_label(r.get("label"), num_labels, f"row {i} of {len(rows)}", owner)
         enc = tok(r["text"], r.get("text_pair"), truncation=True, max_length=max_length)
         item = {k: list(v) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        item["labels"] = int(r["label"])
+        item["labels"] = label
         out.append(item)
     return out
 
@@ -74,7 +79,8 @@ class Collator:
 
 def encode(task: Task, tok: Any, rows: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
     if task.kind == "classification":
-        return encode_classification(tok, rows, max_length)
+        return encode_classification(tok, rows, max_length, max(task.num_labels, 2),
+                                     f"task {task.name}")
     return encode_generation(tok, rows, max_length)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import platform
 import resource
@@ -122,23 +123,44 @@ class RunConfig:
             get_task(self.task)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
-            raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
-        if self.epochs is not None and not self.epochs > 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs!r}")
-        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        for name in ("diagnostics_every", "eval_every"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        self._check_numbers()
         if self.eval_mode not in ("generate", "loglik"):
             raise ValueError(f"eval_mode must be 'generate' or 'loglik', got {self.eval_mode!r}")
         self.adapter_config()  # validates r, alpha, scaling, options, targets
+
+    def _check_numbers(self) -> None:
+        """Every numeric field has its type and range (ValueErrors naming the field): bools are not numbers, strings
+        are not parsed, reals must be finite, ``train_limit=-5`` is not "all rows but five"."""
+
+        def bad(name: str, what: str) -> ValueError:
+            return ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
+
+        ints = {  # name: (minimum, maximum, optional)
+            "batch_size": (1, None, False), "grad_accum": (1, None, False), "max_length": (1, None, False),
+            "eval_batch_size": (1, None, False), "max_new_tokens": (1, None, False), "steps": (1, None, True),
+            "train_limit": (1, None, True), "eval_limit": (1, None, True), "diagnostics_every": (0, None, False),
+            "eval_every": (0, None, False), "seed": (0, 2**32 - 1, False),
+        }
+        for name, (lo, hi, optional) in ints.items():
+            v = getattr(self, name)
+            if v is None and optional:
+                continue
+            what = f"an int >= {lo}" + (f" and <= {hi}" if hi is not None else "") + (" (or None)" if optional else "")
+            if not _is_int(v) or v < lo or (hi is not None and v > hi):
+                raise bad(name, what)
+        reals = {  # name: (minimum, minimum allowed, maximum exclusive, optional)
+            "lr": (0.0, False, None, True), "epochs": (0.0, False, None, True), "alpha": (0.0, False, None, False),
+            "warmup_ratio": (0.0, True, 1.0, False), "weight_decay": (0.0, True, None, False),
+            "dropout": (0.0, True, 1.0, False),
+        }
+        for name, (lo, lo_ok, hi, optional) in reals.items():
+            v = getattr(self, name)
+            if v is None and optional:
+                continue
+            what = ("a finite number " + (f">= {lo:g}" if lo_ok else f"> {lo:g}") + (f" and < {hi:g}" if hi else "")
+                    + (" (or None)" if optional else ""))
+            if not _is_real(v) or (v < lo if lo_ok else v <= lo) or (hi is not None and v >= hi):
+                raise bad(name, what)
 
     # ---- derived -----------------------------------------------------------------------------------------------
     @property
@@ -162,6 +184,14 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         return strict_from_dict(cls, data, "run config")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import check_field_types
 from .base import AdapterLayer, StepOutcome
 from .dora import DoRALayer, DoRAOptions
 from .lora import LoRALayer, LoRAOptions
@@ -39,6 +40,7 @@ class MethodSpec:
         if unknown:
             hint = f"valid options: {sorted(known)}" if known else "it takes no options"
             raise ValueError(f"unknown option(s) {unknown} for method {self.name!r}; {hint}")
+        check_field_types(self.options_cls, options, f"method {self.name!r} option")
         return self.options_cls(**options)
 
 

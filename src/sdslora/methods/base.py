@@ -122,6 +122,10 @@ class AdapterLayer(nn.Module):
         (never when a saved adapter is loaded). ``grad``: mean ∂L/∂W over the init data, float32, [out, in]."""
         raise NotImplementedError(f"{type(self).__name__} has no gradient-based initialisation")
 
+    def sync_state(self) -> None:
+        """Re-derive the layer's Python-side state (e.g. SDS-LoRA's phase flag) from its tensors after they were
+        overwritten from outside (a loaded adapter, a rolled-back duty). Default: nothing."""
+
     def post_load(self) -> None:
         """Called by ``io.load_adapter`` after the saved tensors and extra state are copied in (layers built inside
         :func:`deferred_init`): re-derive what depends on them (PiSSA re-bases W0). Default: nothing."""

@@ -222,9 +222,9 @@ class _TwoPhase(AdapterLayer):
         # 0 = LoRA warm-up, 1 = decoupled; a buffer so that any state_dict (HF Trainer checkpoints, DDP) carries it
         self.register_buffer("lora_phase", torch.zeros((), dtype=torch.uint8))
         self.decoupled = False
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._sync_phase())
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.sync_state())
 
-    def _sync_phase(self) -> None:
+    def sync_state(self) -> None:
         self.decoupled = bool(self.lora_phase.item())
 
     def _set_decoupled(self) -> None:

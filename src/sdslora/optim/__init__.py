@@ -21,6 +21,7 @@ The results are ordinary ``torch.optim.Optimizer`` objects: lazy state (the Cont
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import check_field_types
 from .altlora import AltLoRA, AltLoRAOptions
 from .common import PairedAdamW, _check_hparams, split_pairs
 from .lora_pro import LoRAPro, LoRAProOptions, lora_pro_gradients
@@ -73,6 +75,7 @@ class OptimizerSpec:
         if unknown:
             hint = f"valid options: {sorted(known)}" if known else "it takes no options"
             raise ValueError(f"unknown option(s) {unknown} for optimizer {self.name!r}; {hint}")
+        check_field_types(self.options_cls, options, f"optimizer {self.name!r} option")
         return dataclasses.asdict(self.options_cls(**options))
 
 
@@ -143,6 +146,14 @@ def build_optimizer(
     if not isinstance(name, str) or name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; available optimizers: {sorted(OPTIMIZERS)}")
     spec = OPTIMIZERS[name]
+    for key, value, ok in (("lr", lr, lambda v: v > 0), ("weight_decay", weight_decay, lambda v: v >= 0),
+                           ("eps", eps, lambda v: v > 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+            raise ValueError(f"build_optimizer: {key} must be a finite number {'>= 0' if key == 'weight_decay' else '> 0'}"
+                             f", got {value!r}")
+    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"build_optimizer: betas must be two numbers in [0, 1), got {betas!r}")
     opts = spec.parse_options(options)
     return spec.build(model, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **opts)
 

@@ -95,7 +95,7 @@ def _glue(name: str, folder: str, loader: Callable[[Path, str], list[dict[str, A
         return data_dir / folder
 
     return Task(name, "classification", lambda d: loader(where(d), "train"), lambda d: loader(where(d), "dev"),
-                metrics, 2, None, desc)
+                metrics, glue.NUM_LABELS, None, desc)
 
 
 def _json_at(rel: str, name: str) -> Loader:
@@ -166,17 +166,21 @@ def file_task(fmt: str, train_file: str | Path | None, eval_file: str | Path | N
         if p is not None:
             need_file(p, f"--{split}-file")
 
+    num_labels = glue.NUM_LABELS  # the cls format is binary
+
     def loader(split: str) -> Loader:
         def load(_data_dir: Path | None) -> list[dict[str, Any]]:
             p = files[split]
             if p is None:
                 raise ValueError(f"no --{split}-file given")
-            return glue.load_cls_file(p) if fmt == "cls" else read_json_list(p)
+            if fmt == "cls":
+                return glue.load_cls_file(p, num_labels, "--format cls")
+            return read_json_list(p)
 
         return load
 
     if fmt == "cls":
-        return Task("file", "classification", loader("train"), loader("eval"), ("accuracy", "f1"), 2, None,
+        return Task("file", "classification", loader("train"), loader("eval"), ("accuracy", "f1"), num_labels, None,
                     f"user files ({fmt})", {"format": fmt})
     return Task("file", "generation", loader("train"), loader("eval"), ("accuracy",), 0, fmt.split("-")[1],
                 f"user files ({fmt})", {"format": fmt})

@@ -9,47 +9,49 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..data import SHIPPED_MRPC, read_tsv
+from ..data import SHIPPED_MRPC, class_label, read_json_records, read_tsv_lines
 
 RTE_LABELS = {"entailment": 0, "not_entailment": 1}
+NUM_LABELS = 2  # every GLUE task here is binary
 
 
-def _int_label(value: str, path: Path) -> int:
-    try:
-        return int(value.strip())
-    except ValueError as e:
-        raise ValueError(f"{path}: label {value!r} is not an integer") from e
+def _label(value: Any, path: Path, line: int | str, owner: str, num_labels: int = NUM_LABELS) -> int:
+    where = f"{path} line {line}" if isinstance(line, int) else f"{path} {line}"
+    return class_label(value, num_labels, where, owner)
 
 
 def load_mrpc(folder: Path, split: str) -> list[dict[str, Any]]:
     path = folder / f"{split}.tsv"
-    return [{"text": r["#1 String"], "text_pair": r["#2 String"], "label": _int_label(r["Quality"], path)}
-            for r in read_tsv(path)]
+    return [{"text": r["#1 String"], "text_pair": r["#2 String"], "label": _label(r["Quality"], path, n, "task mrpc")}
+            for n, r in read_tsv_lines(path, columns=("Quality", "#1 String", "#2 String"))]
 
 
 def load_sst2(folder: Path, split: str) -> list[dict[str, Any]]:
     path = folder / f"{split}.tsv"
-    return [{"text": r["sentence"].strip(), "text_pair": None, "label": _int_label(r["label"], path)}
-            for r in read_tsv(path)]
+    return [{"text": r["sentence"].strip(), "text_pair": None, "label": _label(r["label"], path, n, "task sst2")}
+            for n, r in read_tsv_lines(path, columns=("sentence", "label"))]
 
 
 def load_rte(folder: Path, split: str) -> list[dict[str, Any]]:
     path = folder / f"{split}.tsv"
     out = []
-    for r in read_tsv(path):
-        if r["label"] not in RTE_LABELS:
-            raise ValueError(f"{path}: unknown RTE label {r['label']!r} (expected {sorted(RTE_LABELS)})")
-        out.append({"text": r["sentence1"], "text_pair": r["sentence2"], "label": RTE_LABELS[r["label"]]})
+    for n, r in read_tsv_lines(path, columns=("sentence1", "sentence2", "label")):
+        label = r["label"].strip()
+        if label not in RTE_LABELS:
+            raise ValueError(f"{path} line {n} has label {r['label']!r}, but task rte has the labels "
+                             f"{sorted(RTE_LABELS)}")
+        out.append({"text": r["sentence1"], "text_pair": r["sentence2"], "label": RTE_LABELS[label]})
     return out
 
 
 def load_cola(folder: Path, split: str) -> list[dict[str, Any]]:
     path = folder / f"{split}.tsv"
     out = []
-    for i, r in enumerate(read_tsv(path, header=False), start=1):
-        if len(r) < 4:
-            raise ValueError(f"{path} line {i}: CoLA rows have 4 columns (source, label, mark, sentence)")
-        out.append({"text": r[3], "text_pair": None, "label": _int_label(r[1], path)})
+    for n, r in read_tsv_lines(path, header=False):
+        if len(r) < 4 or any(c.strip() for c in r[4:]):
+            raise ValueError(f"{path} line {n} has {len(r)} tab-separated field(s); CoLA rows have 4 (source, label, "
+                             "mark, sentence)")
+        out.append({"text": r[3], "text_pair": None, "label": _label(r[1], path, n, "task cola")})
     return out
 
 
@@ -60,18 +62,21 @@ def mrpc_folder(data_dir: Path | None) -> Path:
     return SHIPPED_MRPC
 
 
-def load_cls_file(path: Path) -> list[dict[str, Any]]:
+def load_cls_file(path: Path, num_labels: int = NUM_LABELS, owner: str = "the cls format") -> list[dict[str, Any]]:
     """A user classification file: TSV with a header (``label`` plus ``sentence`` / ``text`` or
-    ``sentence1``+``sentence2`` / ``text``+``text_pair``), or JSON(L) objects with the same keys."""
-    from ..data import read_json_list
-
-    rows = read_json_list(path) if path.suffix in (".json", ".jsonl") else read_tsv(path)
+    ``sentence1``+``sentence2`` / ``text``+``text_pair``), or JSON(L) objects with the same keys. Labels must be
+    class ids ``0..num_labels-1``; a ValueError names the file and line of a row that breaks this."""
+    if path.suffix in (".json", ".jsonl"):
+        rows: list[tuple[Any, dict[str, Any]]] = list(read_json_records(path))
+    else:
+        rows = list(read_tsv_lines(path))
     out = []
-    for i, r in enumerate(rows):
+    for where, r in rows:
         text = r.get("text", r.get("sentence", r.get("sentence1")))
         pair = r.get("text_pair", r.get("sentence2"))
+        at = f"line {where}" if isinstance(where, int) else where
         if text is None or "label" not in r:
-            raise ValueError(f"{path} row {i}: classification rows need 'label' and 'text'/'sentence'/'sentence1'")
+            raise ValueError(f"{path} {at}: classification rows need 'label' and 'text'/'sentence'/'sentence1'")
         out.append({"text": str(text), "text_pair": None if pair is None else str(pair),
-                    "label": _int_label(str(r["label"]), path)})
+                    "label": _label(r["label"], path, where, owner, num_labels)})
     return out
