@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cc, out = build_compare_config(args, argv_text)
         summary = run_compare(cc, out, progress=not args.no_progress)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, FloatingPointError) as e:
         print(f"sdslora compare: error: {e}", file=sys.stderr)
         return 2
     print(f"report: {out}/report.md ({summary['setup']['wall_s']:.0f} s)")

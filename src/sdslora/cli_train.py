@@ -118,6 +118,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "evaluation into --output.")
     add_run_arguments(p)
     p.add_argument("--output", "-o", required=True, help="run folder (new, empty, or this same run to resume)")
+    p.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
+                   help="checkpoint adapter, optimizer, scheduler, RNG and data position every N optimizer steps "
+                        "into OUTPUT/checkpoints (0: never; default 100); the same command resumes from the last one")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -127,8 +130,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = build_run_config(args)
-        res = run_train(cfg, args.output, progress=not args.no_progress)
-    except (ValueError, TypeError) as e:
+        res = run_train(cfg, args.output, progress=not args.no_progress, checkpoint_every=args.checkpoint_every)
+    except (ValueError, TypeError, FloatingPointError) as e:
         print(f"sdslora train: error: {e}", file=sys.stderr)
         return 2
     ev = {k: v for k, v in res["eval"].items() if isinstance(v, (int, float))}

@@ -349,6 +349,50 @@ def load_adapter(base_model: nn.Module, path: str | Path) -> AdaptedModel:
     return adapted
 
 
+def load_adapter_state(model: AdaptedModel, path: str | Path) -> AdaptedModel:
+    """Copy the adapter saved in ``path`` into ``model``, an :class:`AdaptedModel` attached with the same config to
+    the same base (resuming a run: the Trainer checkpoints of :class:`~sdslora.integrations.hf.AdapterCheckpointMixin`).
+
+    Unlike :func:`load_adapter` nothing is attached and the base is not touched (a method that re-bases W0 did so
+    when the model was attached, identically). The Controller state travels with it (the next Controller built on
+    the model resumes its step counter). Raises ValueError when the saved adapter does not fit the model; the model
+    is unchanged then."""
+    if not isinstance(model, AdaptedModel):
+        raise TypeError(f"load_adapter_state() takes an AdaptedModel, got {type(model).__name__}")
+    model._check_live()
+    path = Path(path)
+    if path.is_dir() and any(path.glob(STAGING_PREFIX + "*")):
+        recover_folder(path)
+    meta = read_adapter_meta(path)
+    config = AdapterConfig.from_dict(meta["config"])
+    if config.to_dict() != model.adapter_config.to_dict():
+        diff = sorted(k for k, v in config.to_dict().items() if model.adapter_config.to_dict().get(k) != v)
+        raise ValueError(f"the adapter in {path} was saved with another config (fields {diff}); it cannot resume "
+                         "this model")
+    _check_layer_meta(meta, config, path)
+    if sorted(meta["layers"]) != sorted(model.adapter_layers()):
+        raise ValueError(f"the adapter in {path} adapts other modules than this model")
+    weights = path / WEIGHTS_NAME
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:
+        raise ValueError(f"{weights} is missing, corrupt or truncated ({e})") from e
+    digest = meta.get("weights_sha256")
+    if isinstance(digest, str) and _sha256(weights) != digest:
+        raise ValueError(f"{weights} is not the file {CONFIG_NAME} was saved with (its SHA-256 differs)")
+    own = model.adapter_state_dict()
+    if sorted(own) != sorted(tensors) or any(tuple(own[k].shape) != tuple(tensors[k].shape) for k in own):
+        raise ValueError(f"the tensors in {weights} do not match this model's adapter (names or shapes)")
+    with torch.no_grad():
+        for k, t in own.items():
+            t.copy_(tensors[k].to(device=t.device, dtype=t.dtype))
+    for name, layer in model.adapter_layers().items():
+        layer.load_extra_state(meta["layers"][name].get("extra", {}))
+        layer.sync_state()
+    model._pending_controller_state = meta.get("controller")
+    return model
+
+
 # ---- PEFT export -----------------------------------------------------------------------------------------------
 _TASK_TYPES = {
     "ForCausalLM": "CAUSAL_LM",

@@ -45,7 +45,10 @@ FALLBACK_LR = 5e-4
 PRECISIONS = ("fp32", "bf16", "fp16")
 INIT_SAMPLES = 32  # training examples for data-driven initialisations (the SDS authors ran LoRA-GA with 32)
 RUN_FILES = ("run.json", "versions.json", "metrics.jsonl", "diagnostics.jsonl", "curve.jsonl", "eval.json", "results.json",
-             "done.json", "NO_ADAPTER.md", "adapter", "peft", "trainer")
+             "done.json", "failed.json", "NO_ADAPTER.md", "adapter", "peft", "trainer", "checkpoints",
+             "peft_export_error.txt")
+CHECKPOINT_DIR = "checkpoints"
+DEFAULT_CHECKPOINT_EVERY = 100
 
 
 class RunDirError(ValueError):
@@ -238,8 +241,10 @@ def write_json(path: Path, data: Any, *, compact: bool = False) -> None:
 
 
 def run_state(out: Path, config: dict[str, Any]) -> str:
-    """``"new"`` (absent or empty folder), ``"done"`` (finished run with this config) or ``"partial"`` (an
-    unfinished run with this config). Raises RunDirError for a folder holding anything else."""
+    """``"new"`` (absent or empty folder), ``"done"`` (finished run with this config), ``"partial"`` (an
+    unfinished run with this config: resumed from its last checkpoint, if any) or ``"failed"`` (a run of any config
+    that stopped on an error before its first checkpoint: replaced). Raises RunDirError for a folder holding
+    anything else."""
     if not out.exists():
         return "new"
     if not out.is_dir():
@@ -247,6 +252,8 @@ def run_state(out: Path, config: dict[str, Any]) -> str:
     entries = [e.name for e in out.iterdir()]
     if not entries:
         return "new"
+    if (out / "failed.json").is_file() and not (out / "done.json").is_file() and latest_checkpoint(out) is None:
+        return "failed"  # a run that stopped on an error before its first checkpoint: nothing to keep or resume
     for marker in ("done.json", "run.json"):
         f = out / marker
         if f.is_file():
@@ -265,6 +272,36 @@ def run_state(out: Path, config: dict[str, Any]) -> str:
             return "done" if marker == "done.json" else "partial"
     raise RunDirError(f"output folder {out} is not empty and holds no sdslora run ({sorted(entries)[:5]}); choose "
                       "an empty or new folder")
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete Trainer checkpoint of the run in ``out`` (``trainer_state.json`` is written last, so a
+    checkpoint killed while being written is passed over), or None."""
+    folder = Path(out) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return None
+    found = [(int(c.name.rsplit("-", 1)[1]), c) for c in folder.glob("checkpoint-*")
+             if c.is_dir() and c.name.rsplit("-", 1)[1].isdigit()]
+    for _step, c in sorted(found, reverse=True):
+        if (c / "trainer_state.json").is_file():
+            return c
+    return None
+
+
+def _keep_records(path: Path, last_step: int) -> list[dict[str, Any]]:
+    """Records of a JSON-lines log up to ``last_step`` (a resumed run redoes the steps after its checkpoint); the
+    file is rewritten with them."""
+    kept: list[dict[str, Any]] = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # the line a kill cut short
+                continue
+            if isinstance(rec, dict) and int(rec.get("step", 0)) <= last_step:
+                kept.append(rec)
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
 
 
 def _field_default(name: str) -> Any:
@@ -302,7 +339,7 @@ def versions() -> dict[str, Any]:
 
 
 # ---- callbacks -------------------------------------------------------------------------------------------------
-def _metrics_callback(path: Path) -> Any:
+def _metrics_callback(path: Path, resume_step: int | None = None) -> Any:
     from transformers import TrainerCallback
 
     class MetricsLogger(TrainerCallback):
@@ -311,8 +348,9 @@ def _metrics_callback(path: Path) -> Any:
         def __init__(self) -> None:
             self.t0 = 0.0
             self.step_time: float | None = None
-            self.records: list[dict[str, Any]] = []
-            path.write_text("")
+            self.records: list[dict[str, Any]] = [] if resume_step is None else _keep_records(path, resume_step)
+            if resume_step is None:
+                path.write_text("")
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if not self.t0:
@@ -336,6 +374,9 @@ def _metrics_callback(path: Path) -> Any:
             self.records.append(rec)
             with open(path, "a") as f:
                 f.write(json.dumps(_json_safe(rec)) + "\n")
+            loss = logs.get("loss")
+            if isinstance(loss, (int, float)) and not math.isfinite(loss):
+                raise _nonfinite_loss(rec["step"], float(loss), path.parent)
 
     return MetricsLogger()
 
@@ -356,7 +397,8 @@ def _diagnostics_callback(probe: dict[str, torch.Tensor], every: int, path: Path
         return None
 
 
-def _curve_callback(task: Task, tok: Any, rows: list[dict[str, Any]], cfg: RunConfig, path: Path) -> Any:
+def _curve_callback(task: Task, tok: Any, rows: list[dict[str, Any]], cfg: RunConfig, path: Path,
+                    resume_step: int | None = None) -> Any:
     """Evaluates on the validation ``rows`` at step 0 and every ``cfg.eval_every`` optimizer steps (the last step
     is measured after training, with the final evaluation): held-out loss, and the task's metrics for
     classification. Each point is appended to ``curve.jsonl`` as it is measured."""
@@ -366,8 +408,9 @@ def _curve_callback(task: Task, tok: Any, rows: list[dict[str, Any]], cfg: RunCo
 
     class CurveLogger(TrainerCallback):
         def __init__(self) -> None:
-            self.points: list[dict[str, Any]] = []
-            path.write_text("")
+            self.points: list[dict[str, Any]] = [] if resume_step is None else _keep_records(path, resume_step)
+            if resume_step is None:
+                path.write_text("")
 
         def measure(self, model: Any, step: int) -> dict[str, Any]:
             point: dict[str, Any] = {"step": step, **validation_scores(model, tok, task, rows, max_length=cfg.max_length,
@@ -422,6 +465,17 @@ def _build_optimizer(adapted: Any, cfg: RunConfig) -> Any:
                            **cfg.optimizer_options)
 
 
+def _harness_trainer_class() -> type:
+    from transformers import Trainer
+
+    from ..integrations.hf import AdapterCheckpointMixin
+
+    class HarnessTrainer(AdapterCheckpointMixin, Trainer):
+        """The Trainer with checkpoints that hold the adapter, not the whole model."""
+
+    return HarnessTrainer
+
+
 # ---- memory accounting -----------------------------------------------------------------------------------------
 def training_state_bytes(adapted: Any, tokens_per_step: int) -> dict[str, int]:
     """Analytic bytes a method adds on top of the frozen model's own forward/backward:
@@ -468,8 +522,8 @@ def prepare_data(cfg: RunConfig, task: Task) -> tuple[list[dict[str, Any]], list
 
 
 def run_train(cfg: RunConfig, out: str | Path, *, progress: bool = True, train_rows: list[dict[str, Any]] | None = None,
-              eval_rows: list[dict[str, Any]] | None = None, val_rows: list[dict[str, Any]] | None = None
-              ) -> dict[str, Any]:
+              eval_rows: list[dict[str, Any]] | None = None, val_rows: list[dict[str, Any]] | None = None,
+              checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY) -> dict[str, Any]:
     """Train one run into ``out`` and return its results (see the module docstring for the files).
 
     ``train_rows`` / ``eval_rows`` override the task's splits (``compare`` uses them for its validation split).
@@ -477,22 +531,28 @@ def run_train(cfg: RunConfig, out: str | Path, *, progress: bool = True, train_r
     the learning curve (``cfg.eval_every``) is measured on it, and the final model is scored on it as well as on
     the evaluation split (``results["val"]``, with its held-out loss).
     A finished run with the same config in ``out`` is not re-run: its ``results.json`` is returned.
+
+    Every ``checkpoint_every`` optimizer steps (0: never) the adapter (or, for full fine-tuning, the model), the
+    optimizer, the LR scheduler, the RNG states and the data position are checkpointed to ``out/checkpoints/``
+    (the last one kept); an unfinished run with the same config continues from its last complete checkpoint, and
+    ends with the numbers an uninterrupted run gives. The checkpoints are removed when the run finishes. A run that
+    stops on an error leaves ``failed.json`` (the error); without a checkpoint the folder is then free for any
+    config.
     Raises :class:`RunDirError` (folder holds another run), ValueError (bad config, data or model).
     """
-    from transformers import Trainer, TrainingArguments, set_seed
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be an int >= 0 (0: no checkpoints), got {checkpoint_every!r}")
+    from transformers import set_seed
 
-    from ..integrations.hf import SDSLoRACallback
-    from ..model import attach
-    from .data import Collator, ListDataset, encode, evaluate
-    from .models import head_modules, load_model
-    from .report import diag_curves
+    from .models import load_model
 
     out = Path(out)
     config = cfg.to_dict()
     state = run_state(out, config)
     if state == "done" and (out / "results.json").is_file():
         return json.loads((out / "results.json").read_text())
-    if state == "partial":  # our own unfinished run: clear only the files a run writes
+    resume = latest_checkpoint(out) if state == "partial" else None
+    if state == "failed" or (state == "partial" and resume is None):  # nothing to resume: clear only our files
         for name in RUN_FILES:
             p = out / name
             if p.is_dir():
@@ -509,7 +569,37 @@ def run_train(cfg: RunConfig, out: str | Path, *, progress: bool = True, train_r
     model, tok, folder = load_model(cfg.model, task.kind, max(task.num_labels, 2), dtype)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "run.json", {"config": config})
-    write_json(out / "versions.json", versions())
+    if resume is None:
+        write_json(out / "versions.json", versions())
+    try:
+        return _train_and_evaluate(cfg, out, config, task, model, tok, folder, train_rows, eval_rows, val_rows,
+                                   progress=progress, resume=resume, checkpoint_every=checkpoint_every)
+    except Exception as e:  # leave a record; without a checkpoint the folder can be reused for a corrected config
+        write_json(out / "failed.json", {"config": config, "error": f"{type(e).__name__}: {e}",
+                                         "checkpoint": None if latest_checkpoint(out) is None
+                                         else latest_checkpoint(out).name,  # type: ignore[union-attr]
+                                         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        raise
+
+
+def _train_and_evaluate(cfg: RunConfig, out: Path, config: dict[str, Any], task: Task, model: Any, tok: Any,
+                        folder: Path, train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]],
+                        val_rows: list[dict[str, Any]] | None, *, progress: bool, resume: Path | None,
+                        checkpoint_every: int) -> dict[str, Any]:
+    from transformers import TrainingArguments
+
+    from ..integrations.hf import SDSLoRACallback
+    from ..model import attach
+    from .data import Collator, ListDataset, encode, evaluate
+    from .models import head_modules
+    from .report import diag_curves
+
+    resume_step = None
+    if resume is not None:
+        resume_step = int(json.loads((resume / "trainer_state.json").read_text())["global_step"])
+        (out / "failed.json").unlink(missing_ok=True)
+        for name in ("diagnostics.jsonl",):
+            _keep_records(out / name, resume_step)
 
     save = cfg.modules_to_save
     if save is None and task.kind == "classification":
@@ -539,15 +629,16 @@ def run_train(cfg: RunConfig, out: str | Path, *, progress: bool = True, train_r
     per_epoch = math.ceil(len(train_enc) / (cfg.batch_size * cfg.grad_accum))
     total = cfg.steps if cfg.steps is not None else max(1, math.ceil(per_epoch * epochs))
     args = TrainingArguments(
-        output_dir=str(out / "trainer"), max_steps=steps, num_train_epochs=epochs,
+        output_dir=str(out / CHECKPOINT_DIR), max_steps=steps, num_train_epochs=epochs,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.scheduler,
         warmup_steps=int(round(cfg.warmup_ratio * total)), weight_decay=cfg.weight_decay,
-        logging_steps=1, save_strategy="no", report_to=[], seed=cfg.seed, data_seed=cfg.seed,
+        logging_steps=1, logging_nan_inf_filter=False, report_to=[], seed=cfg.seed, data_seed=cfg.seed,
+        save_strategy="steps" if checkpoint_every else "no", save_steps=checkpoint_every or 500, save_total_limit=1,
         bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16", use_cpu=not use_cuda,
         disable_tqdm=not progress, dataloader_num_workers=0, remove_unused_columns=False,
     )
-    metrics_cb = _metrics_callback(out / "metrics.jsonl")
+    metrics_cb = _metrics_callback(out / "metrics.jsonl", resume_step)
     callbacks: list[Any] = [SDSLoRACallback()]
     if cfg.diagnostics_every > 0:
         diag = _diagnostics_callback({k: v.to(adapted.device if use_cuda else "cpu") for k, v in probe.items()},
@@ -556,18 +647,17 @@ def run_train(cfg: RunConfig, out: str | Path, *, progress: bool = True, train_r
             callbacks.append(diag)
     curve_cb = None
     if val_rows and cfg.eval_every > 0:
-        curve_cb = _curve_callback(task, tok, val_rows, cfg, out / "curve.jsonl")
+        curve_cb = _curve_callback(task, tok, val_rows, cfg, out / "curve.jsonl", resume_step)
         callbacks.append(curve_cb)
     callbacks.append(metrics_cb)
     optimizer = _build_optimizer(adapted, cfg)
-    trainer = Trainer(model=adapted, args=args, train_dataset=ListDataset(train_enc), data_collator=collate,
-                      callbacks=callbacks, optimizers=(optimizer, None))
+    trainer = _harness_trainer_class()(model=adapted, args=args, train_dataset=ListDataset(train_enc), data_collator=collate,
+                              callbacks=callbacks, optimizers=(optimizer, None))
     _quiet_logs(trainer, progress)
     rss0 = _peak_rss_mb()
     t0 = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     wall = time.perf_counter() - t0
-    shutil.rmtree(out / "trainer", ignore_errors=True)
 
     adapted.eval()
     if summary["layers"]:
@@ -625,7 +715,20 @@ def run_train(cfg: RunConfig, out: str | Path, *, progress: bool = True, train_r
     }
     write_json(out / "results.json", results)
     write_json(out / "done.json", {"config": config, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # finished: the adapter and results are what remains
     return results
+
+
+def _nonfinite_loss(step: int, loss: float, out: Path) -> Exception:
+    """The error that stops a run whose training loss went NaN/Inf, naming the step."""
+    from ..control import NONFINITE_CAUSES, NonFiniteError
+
+    ckpt = latest_checkpoint(out)
+    return NonFiniteError(
+        f"the training loss became {loss} at optimizer step {step}; training stopped and nothing was saved as the "
+        f"result. {NONFINITE_CAUSES}. Run again with a lower --lr in a new --output folder"
+        + (f" (the last checkpoint, from before the divergence, is {ckpt})" if ckpt is not None else "") + "."
+    )
 
 
 def _tail_mean(xs: list[float], n: int) -> float | None:
