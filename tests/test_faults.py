@@ -382,3 +382,17 @@ def test_the_local_model_path_is_not_written(tmp_path):
     model.save_adapter(tmp_path / "ad")
     assert json.loads((tmp_path / "ad" / sio.CONFIG_NAME).read_text())["base_model"]["name_or_path"] == (
         "HuggingFaceTB/SmolLM2-135M")
+
+
+@pytest.mark.parametrize("method", ["lora_ga", "lora_sb"])
+def test_nonfinite_init_gradient_is_refused_and_the_model_untouched(method):
+    base = tiny_llama()
+    with torch.no_grad():
+        base.lm_head.weight[0, 0] = float("nan")  # the loss, and so every gradient, is NaN
+    before = _state(base)
+    with pytest.raises(ValueError, match="estimated gradient of .* has NaN/Inf entries.*loss is not finite"):
+        sdslora.attach(base, _cfg(method=method), init_data=[batch_for("llama")])
+    now = dict(base.named_parameters())
+    assert all(torch.equal(now[n], t.detach()) or torch.isnan(t).any() for n, (t, _g) in before.items())
+    assert all(now[n].requires_grad == g for n, (_t, g) in before.items())
+    assert not any(isinstance(m, AdapterLayer) for m in base.modules())

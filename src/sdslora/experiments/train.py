@@ -7,12 +7,13 @@ The run folder receives ``run.json`` (the resolved config, written first), ``ver
 record per optimizer step: loss, learning rate, grad norm, step time, SDS-LoRA events, diagnostics), optionally
 ``diagnostics.jsonl``, ``adapter/`` (native :func:`~sdslora.io.save_adapter`) and ``peft/``
 (:func:`~sdslora.io.export_peft`) — for ``method="full"`` a ``NO_ADAPTER.md`` note instead —, ``eval.json``,
-``results.json`` and last ``done.json`` (the marker that the run finished, carrying its config). The Trainer's own
-checkpoints are off (``save_strategy="no"``: for a model that is not a ``PreTrainedModel`` they would hold the whole
-state dict); the adapter is saved once at the end.
+``results.json`` and last ``done.json`` (the marker that the run finished, carrying its config). While it trains,
+``checkpoints/checkpoint-N/`` holds the last checkpoint (adapter-sized: :class:`~sdslora.integrations.hf.
+AdapterCheckpointMixin`), from which the same call resumes; it is removed when the run finishes. A run that stops on
+an error writes ``failed.json``.
 
-A folder that holds a finished run with the same config is skipped; one that holds anything else raises
-:class:`RunDirError` and nothing in it is touched.
+A folder that holds a finished run with the same config is skipped, an unfinished one resumed, a failed one without
+a checkpoint replaced; one that holds anything else raises :class:`RunDirError` and nothing in it is touched.
 """
 
 from __future__ import annotations
@@ -700,7 +701,7 @@ def _train_and_evaluate(cfg: RunConfig, out: Path, config: dict[str, Any], task:
     mem = training_state_bytes(adapted, tokens)
     results = {
         "config": config, "method": cfg.method, "seed": cfg.seed, "r": cfg.r, "lr": cfg.learning_rate,
-        "task": task.name, "model": cfg.model, "model_folder": str(folder),
+        "task": task.name, "model": cfg.model, "model_folder": Path(folder).name,
         "trainable_parameters": summary["trainable"], "adapter_parameters": summary["adapter"],
         "total_parameters": summary["total"], "adapted_layers": summary["layers"], "modules_to_save": save,
         "steps": int(trainer.state.global_step), "final_train_loss": _tail_mean(losses, 10),

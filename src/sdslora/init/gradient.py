@@ -153,7 +153,9 @@ def estimate_gradients(
             g = g / n_batches
         if not torch.isfinite(g).all():
             raise ValueError(
-                f"the estimated gradient of {names[0]!r} has non-finite entries (loss overflow?)"
+                f"the estimated gradient of {names[0]!r} has NaN/Inf entries: the init data's loss is not finite "
+                "(NaN/Inf inputs or weights, labels the loss cannot take, or float16 overflow: use bf16 or fp32); "
+                "nothing was changed"
             )
         for name in names:
             out[name] = g.T.contiguous() if is_conv1d(modules[name]) else g
