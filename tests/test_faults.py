@@ -396,3 +396,14 @@ def test_nonfinite_init_gradient_is_refused_and_the_model_untouched(method):
     assert all(torch.equal(now[n], t.detach()) or torch.isnan(t).any() for n, (t, _g) in before.items())
     assert all(now[n].requires_grad == g for n, (_t, g) in before.items())
     assert not any(isinstance(m, AdapterLayer) for m in base.modules())
+
+
+def test_rank_too_large_for_another_model_names_the_right_cause(tmp_path):
+    model = sdslora.attach(tiny_llama(), _cfg(r=16, target_modules=["q_proj"]))
+    model.save_adapter(tmp_path / "ad")
+    cfg = tiny_llama().config
+    cfg.hidden_size, cfg.intermediate_size = 8, 16  # q_proj 8x8: rank 16 cannot exist there
+    other = type(tiny_llama())(cfg)
+    with pytest.raises(ValueError, match="does not fit this model .*load it on the base model it was trained from"):
+        sdslora.load_adapter(other, tmp_path / "ad")
+    assert not any(isinstance(m, AdapterLayer) for m in other.modules())

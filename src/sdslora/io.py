@@ -318,8 +318,12 @@ def load_adapter(base_model: nn.Module, path: str | Path) -> AdaptedModel:
                          "a diverged run; load an earlier checkpoint")
     config = AdapterConfig.from_dict(meta["config"])
     _check_layer_meta(meta, config, path)
-    with deferred_init():  # the saved tensors replace any initialisation; post_load() below finishes the layers
-        adapted = attach(base_model, config, _exact_targets=list(meta["layers"]), _from_saved=True)
+    try:
+        with deferred_init():  # the saved tensors replace any initialisation; post_load() below finishes the layers
+            adapted = attach(base_model, config, _exact_targets=list(meta["layers"]), _from_saved=True)
+    except (ValueError, TypeError) as e:  # e.g. "rank larger than the layer allows": a hint meant for attach()
+        raise ValueError(f"the adapter in {path} does not fit this model ({e}); load it on the base model it was "
+                         "trained from") from e
     try:
         own = adapted.adapter_state_dict()
         wrong = [
