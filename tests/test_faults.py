@@ -407,3 +407,28 @@ def test_rank_too_large_for_another_model_names_the_right_cause(tmp_path):
     with pytest.raises(ValueError, match="does not fit this model .*load it on the base model it was trained from"):
         sdslora.load_adapter(other, tmp_path / "ad")
     assert not any(isinstance(m, AdapterLayer) for m in other.modules())
+
+
+LOAD_POINTS = ["read_adapter_meta", "_sha256", "load_file", "_check_layer_meta", "attach", "load_extra_state",
+               "sync_state", "post_load"]
+
+
+@pytest.mark.parametrize("point", LOAD_POINTS)
+def test_a_load_failing_at_any_step_leaves_the_model_as_it_was(saved, monkeypatch, point):
+    path, out = saved
+    base = tiny_llama()
+    base.model.embed_tokens.weight.requires_grad_(False)  # the user's own flags are kept
+    before = _state(base)
+
+    def fail(*a, **kw):
+        raise OSError(f"injected at {point}")
+
+    if point in ("load_extra_state", "sync_state", "post_load"):
+        monkeypatch.setattr(SDSLayer, point, fail)
+    else:
+        monkeypatch.setattr(sio, point, fail)
+    with pytest.raises((OSError, ValueError), match=f"injected at {point}"):  # load_file's: "corrupt (...)"
+        sdslora.load_adapter(base, path)
+    monkeypatch.undo()
+    assert _same_state(base, before)
+    assert torch.equal(output_of(sdslora.load_adapter(base, path), batch_for("llama")), out)  # and it still loads
