@@ -10,6 +10,7 @@ import contextlib
 import inspect
 import re
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -225,6 +226,8 @@ class AdaptedModel(nn.Module):
         self._pending_controller_state: dict[str, Any] | None = None
         self._unloaded = False
         self._grad_flags: dict[int, tuple[nn.Parameter, bool]] = {}  # requires_grad before attach (for rollback)
+        # the wrapped model knows its wrapper (weakly): a trainer handed the inner model still finds the adapter
+        object.__setattr__(model, "_sdslora_adapted", weakref.ref(self))
 
     forward = _ForwardDescriptor()  # type: ignore[assignment]
 
@@ -239,8 +242,27 @@ class AdaptedModel(nn.Module):
     # ---- inspection -------------------------------------------------------------------------------------------
     @property
     def base_model(self) -> nn.Module:
-        """The wrapped (adapted in place) model."""
+        """What ``base_model`` is on the wrapped model: for a transformers model its backbone (``LlamaModel`` inside
+        ``LlamaForCausalLM``), as libraries that treat this object like the model it wraps expect (TRL's fused LM
+        head calls ``model.base_model(...)`` for the hidden states). The whole wrapped model is
+        :meth:`get_base_model` (PEFT's name for it)."""
+        inner = self.model
+        backbone = getattr(type(inner), "base_model", None)
+        if backbone is not None and isinstance(backbone, property):
+            return inner.base_model
+        return inner
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (its target modules replaced by adapter layers), as ``PeftModel.get_base_model()``."""
         return self.model
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Turn on the wrapped model's gradient checkpointing; with the base frozen, re-entrant checkpointing also
+        needs the input embeddings to require grad (as PEFT does), so that the adapter's gradients flow."""
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+        if kwargs.get("use_reentrant", True) and hasattr(self.model, "enable_input_require_grads"):
+            self.model.enable_input_require_grads()
 
     @property
     def method(self) -> str:
@@ -359,6 +381,7 @@ class AdaptedModel(nn.Module):
                     layer.restore_base()  # type: ignore[attr-defined]
             _set_module(self.model, name, layer.base_layer)
         self._unloaded = True
+        self.model.__dict__.pop("_sdslora_adapted", None)
         return self.model
 
     def _rollback(self) -> nn.Module:

@@ -4,6 +4,9 @@ The data directory is ``--data-dir``, else the environment variable ``SDSLORA_DA
 ``mrpc/``, ``sst2/``, ``cola/``, ``rte/`` with the GLUE TSV files, ``math/``, ``commonsense/`` with the LLM-Adapters
 JSON files). The small MRPC subset the demo needs ships inside the package
 (``sdslora/data/mrpc``, see its SOURCE.md), so ``sdslora compare`` works on a fresh machine.
+
+``TASK_FILES`` lists the file every task reads for each split (relative to the data directory) and ``check_data``
+reports which of them are present (``sdslora data``; the layouts, sources and licences are in docs/data.md).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import json
 import numbers
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 PACKAGE_DATA = Path(__file__).resolve().parent
 SHIPPED_MRPC = PACKAGE_DATA / "mrpc"
@@ -36,13 +39,110 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
     return default_data_dir()
 
 
-def need_file(path: Path, what: str) -> Path:
-    """``path`` if it is a file, else a ValueError that says what is missing and how to point at it."""
+def need_file(path: Path, what: str, task: str | None = None) -> Path:
+    """``path`` if it is a file, else a ValueError that says what is missing, how to point at it and (for a file of
+    ``TASK_FILES``; ``task`` names the task when several share the file) which ``sdslora data`` call lists it."""
     if not path.is_file():
+        tasks = [task] if task is not None else tasks_reading(path)
+        hint = f"; {data_hint(tasks[0])}" if len(tasks) == 1 else ""
         raise ValueError(
-            f"missing data file {path} ({what}); pass --data-dir DIR (or set SDSLORA_DATA_DIR) to a folder that holds it"
+            f"missing data file {path} ({what}); pass --data-dir DIR (or set SDSLORA_DATA_DIR) to a folder that holds "
+            f"it{hint}"
         )
     return path
+
+
+# ---- which files each task reads -------------------------------------------------------------------------------
+# The one declarative list of the task files (relative to the data directory), checked against the loaders of
+# sdslora.tasks by tests/test_data_check.py. GLUE: the TSV files of the GLUE distribution; math and commonsense: the
+# JSON files of the LLM-Adapters repository (the four math tasks train on the same math_data.json).
+GLUE_FOLDERS = {"mrpc": "mrpc", "sst2": "sst2", "rte": "rte", "cola": "cola"}
+MATH_FOLDERS = {"gsm8k": "gsm8k", "svamp": "SVAMP", "mawps": "mawps", "aqua": "AQuA"}
+COMMONSENSE_FOLDERS = {"boolq": "boolq", "piqa": "piqa", "siqa": "social_i_qa", "winogrande": "winogrande",
+                       "arc-e": "ARC-Easy", "arc-c": "ARC-Challenge", "obqa": "openbookqa"}
+SPLITS = ("train", "eval")
+
+TASK_FILES: dict[str, dict[str, str]] = {
+    **{t: {"train": f"{d}/train.tsv", "eval": f"{d}/dev.tsv"} for t, d in GLUE_FOLDERS.items()},
+    **{t: {"train": "math/math_data.json", "eval": f"math/{d}/test.json"} for t, d in MATH_FOLDERS.items()},
+    **{t: {"train": f"commonsense/{d}/train.json", "eval": f"commonsense/{d}/test.json"}
+       for t, d in COMMONSENSE_FOLDERS.items()},
+}
+
+# where the public files come from (one line each; the details and licences are in docs/data.md)
+_GLUE_SOURCE = ("GLUE {name}: the GLUE TSV distribution (e.g. download_glue_data.py), or `sdslora data --fetch {task}` "
+                "(Hugging Face hub id nyu-mll/glue, config {task}; needs `pip install datasets`)")
+_LLM_ADAPTERS_SOURCE = ("LLM-Adapters {name} (github.com/AGI-Edgerunners/LLM-Adapters, {where}; ODC-By), or "
+                        "`sdslora data --fetch {task}`")
+TASK_SOURCES: dict[str, str] = {
+    **{t: _GLUE_SOURCE.format(name=n, task=t)
+       for t, n in {"mrpc": "MRPC", "sst2": "SST-2", "rte": "RTE", "cola": "CoLA"}.items()},
+    **{t: _LLM_ADAPTERS_SOURCE.format(name=d, task=t, where=f"ft-training_set/math_data.json and dataset/{d}/test.json")
+       for t, d in MATH_FOLDERS.items()},
+    **{t: _LLM_ADAPTERS_SOURCE.format(name=d, task=t, where=f"dataset/{d}/")
+       for t, d in COMMONSENSE_FOLDERS.items()},
+}
+
+
+def data_hint(task: str) -> str:
+    """The pointer the data errors end with: which command lists ``task``'s files and where to get them."""
+    return f"`sdslora data --task {task}` lists the files task {task} needs and where to get them (docs/data.md)"
+
+
+def tasks_reading(path: Path) -> list[str]:
+    """The tasks of ``TASK_FILES`` that read a file at ``path`` (matched on the path's trailing parts)."""
+    parts = Path(path).parts
+    return [t for t, files in TASK_FILES.items()
+            if any(parts[-len(Path(rel).parts):] == Path(rel).parts for rel in files.values())]
+
+
+class DataFile(NamedTuple):
+    """One file of :func:`check_data`: ``path`` is None when there is no data directory to look in; ``shipped``
+    when the copy inside the package stands in (MRPC)."""
+
+    task: str
+    split: str
+    rel: str
+    path: Path | None
+    present: bool
+    shipped: bool = False
+
+
+def task_root(task: str, data_dir: Path | None) -> Path | None:
+    """The folder ``task``'s ``TASK_FILES`` are relative to: ``data_dir``, or for MRPC the package's own data when
+    ``data_dir`` lacks ``mrpc/train.tsv`` (the rule of the MRPC loader, which is reused here)."""
+    if task == "mrpc":
+        from ..tasks.glue import mrpc_folder  # lazy: sdslora.tasks imports this module
+
+        return mrpc_folder(data_dir).parent
+    return data_dir
+
+
+def check_data(data_dir: str | Path | None = None, tasks: list[str] | tuple[str, ...] | None = None,
+               splits: tuple[str, ...] = SPLITS) -> list[DataFile]:
+    """Which files the ``tasks`` (default: all of ``TASK_FILES``) need for ``splits`` and whether they are there.
+
+    ``data_dir`` as for training (``--data-dir``, else ``SDSLORA_DATA_DIR``; an explicitly given folder that does not
+    exist raises ValueError, as does an unknown task or split). MRPC counts as present from the subset that ships in
+    the package when the data directory has no ``mrpc/train.tsv`` (that is what training reads then).
+    """
+    names = list(TASK_FILES) if not tasks else list(dict.fromkeys(tasks))
+    unknown = [t for t in names if t not in TASK_FILES]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; available tasks: {sorted(TASK_FILES)}")
+    bad = [s for s in splits if s not in SPLITS]
+    if bad or not splits:
+        raise ValueError(f"splits must be among {SPLITS}, got {tuple(splits)!r}")
+    root_dir = resolve_data_dir(data_dir)
+    out = []
+    for task in names:
+        root = task_root(task, root_dir)
+        for split in splits:
+            rel = TASK_FILES[task][split]
+            path = None if root is None else root / rel
+            shipped = root is not None and root == PACKAGE_DATA
+            out.append(DataFile(task, split, rel, path, path is not None and path.is_file(), shipped))
+    return out
 
 
 def _read_text(path: Path, what: str) -> str:

@@ -6,7 +6,9 @@
 List :class:`~sdslora.integrations.hf.SDSLoRACallback` first: callbacks run in list order, so at a step where
 SDS-LoRA re-parameterises or refreshes its bases the probe then sees the new bases and the Controller's events of
 that step. The callback fires at ``on_step_end`` (once per optimizer step, after gradient accumulation) when
-``state.global_step % every == 0``, with the trainer's optimizer (so ``cos_g_geff_opt`` follows AdamW's actual
+``state.global_step % every == 0`` and at the last step (``state.max_steps``), so a history covers the whole run
+whatever the interval (a run stopped early by another callback is probed once more at ``on_train_end``), with the
+trainer's optimizer (so ``cos_g_geff_opt`` follows AdamW's actual
 step), and adds the summary to the trainer's next logs with the prefix ``diag/`` (TensorBoard / W&B see them).
 ``path`` (optional) receives the JSONL records of :class:`~sdslora.diagnostics.DiagnosticsRecorder`; only the main
 process (``state.is_world_process_zero``) writes. ``every=0`` disables it (costs nothing).
@@ -19,12 +21,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import TrainerCallback
-
+from ..integrations.hf import LoggingCallback
 from .probe import DiagnosticsRecorder
 
 
-class DiagnosticsCallback(TrainerCallback):
+class DiagnosticsCallback(LoggingCallback):
     """Records :func:`~sdslora.diagnostics.diagnose` every ``every`` optimizer steps (see the module docstring).
 
     Args:
@@ -41,13 +42,13 @@ class DiagnosticsCallback(TrainerCallback):
     ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 0:
             raise ValueError(f"every must be an int >= 0 (0 disables), got {every!r}")
+        super().__init__()
         self.probe_batch = probe_batch
         self.every = every
         self.path = path
         self.loss_fn = loss_fn
         self.recorder: DiagnosticsRecorder | None = None
         self.records: list[dict[str, Any]] = []
-        self._pending_logs: dict[str, float] = {}
 
     def on_step_end(
         self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any
@@ -55,8 +56,23 @@ class DiagnosticsCallback(TrainerCallback):
         if not self.every or model is None:
             return
         step = int(state.global_step)
-        if step <= 0 or step % self.every:
+        last = 0 < int(getattr(state, "max_steps", 0) or 0) <= step
+        if step <= 0 or (step % self.every and not last):
             return
+        self._record(step, state, model, optimizer)
+
+    def on_train_end(
+        self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any
+    ) -> None:
+        # training stopped before max_steps (e.g. early stopping): the step it ended on closes the history
+        if not self.every or model is None:
+            return
+        step = int(state.global_step)
+        max_steps = int(getattr(state, "max_steps", 0) or 0)
+        if 0 < step < max_steps and (not self.records or self.records[-1]["step"] != step):
+            self._record(step, state, model, optimizer)
+
+    def _record(self, step: int, state: Any, model: Any, optimizer: Any) -> None:
         if self.recorder is None or self.recorder.model is not model:
             main = bool(getattr(state, "is_world_process_zero", True))
             self.recorder = DiagnosticsRecorder(
@@ -69,13 +85,5 @@ class DiagnosticsCallback(TrainerCallback):
         self.recorder.optimizer = optimizer
         rec = self.recorder.record(step)
         self.records.append(rec)
-        for k, v in rec["summary"].items():
-            if isinstance(v, (int, float)):
-                self._pending_logs[f"diag/{k}"] = float(v)
-
-    def on_log(
-        self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any
-    ) -> None:
-        if logs is not None and self._pending_logs:
-            logs.update(self._pending_logs)
-            self._pending_logs = {}
+        self.queue_logs({f"diag/{k}": float(v) for k, v in rec["summary"].items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)})

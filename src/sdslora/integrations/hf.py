@@ -12,6 +12,7 @@ exactly.
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 
@@ -22,18 +23,59 @@ from ..control import Controller, find_adapted_model
 ADAPTER_CHECKPOINT_DIR = "sdslora_adapter"
 
 
-class SDSLoRACallback(TrainerCallback):
+class LoggingCallback(TrainerCallback):
+    """A callback whose values (queued with :meth:`queue_logs`) reach every logger of the Trainer.
+
+    The Trainer copies a log dict into ``state.log_history`` and then hands it to the callbacks in order, the
+    reporting integrations (TensorBoard, W&B, ...) first; a callback that adds to the dict in its own ``on_log``
+    comes too late for all of them. So at ``on_train_begin`` this callback moves itself to the front of the
+    Trainer's callback list (so its ``on_log`` runs before the reporters'; all callbacks of this kind move together,
+    in their order) and also writes the values into the ``log_history`` entry just made."""
+
+    def __init__(self) -> None:
+        self._pending_logs: dict[str, float] = {}
+
+    def queue_logs(self, values: dict[str, float]) -> None:
+        """Values to add to the next log of the Trainer."""
+        self._pending_logs.update(values)
+
+    def _move_to_front(self) -> None:
+        # the Trainer's CallbackHandler holds its callbacks in a plain list that refers to this object
+        # (all such callbacks move as one block, keeping their order: SDSLoRACallback's duties before the probes)
+        for holder in gc.get_referrers(self):
+            if isinstance(holder, list) and any(type(c).__name__ == "DefaultFlowCallback" for c in holder):
+                ours = [c for c in holder if isinstance(c, LoggingCallback)]
+                holder[:] = ours + [c for c in holder if not isinstance(c, LoggingCallback)]
+                return
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._move_to_front()
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
+               **kwargs: Any) -> None:
+        if logs is None or not self._pending_logs:
+            return
+        logs.update(self._pending_logs)
+        history = getattr(state, "log_history", None)
+        if history and history[-1].get("step") == state.global_step:
+            history[-1].update(self._pending_logs)
+        self._pending_logs = {}
+
+
+class SDSLoRACallback(LoggingCallback):
     """Runs the attached method's per-step duties (SDS-LoRA re-parameterisation, optimizer reset, refreshes).
 
-    Events (re-parameterisation, refresh statistics) are added to the trainer's logs, so TensorBoard / W&B see them.
+    Events (re-parameterisation, refresh statistics) are added to the trainer's logs as ``sdslora/<event>/<key>``:
+    they reach ``state.log_history`` and every ``report_to`` logger (TensorBoard, W&B, ...).
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self.controller: Controller | None = None
-        self._pending_logs: dict[str, float] = {}
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        **kwargs: Any) -> None:
+        super().on_train_begin(args, state, control, **kwargs)
         if model is None or optimizer is None:
             raise ValueError("SDSLoRACallback needs the trainer's model and optimizer at on_train_begin")
         adapted = find_adapted_model(model)
@@ -51,15 +93,8 @@ class SDSLoRACallback(TrainerCallback):
         out = self.controller.step(t=int(state.global_step))
         for ev in out.events:
             kind = ev.get("event", "event")
-            for k, v in ev.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self._pending_logs[f"sdslora/{kind}/{k}"] = float(v)
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
-               **kwargs: Any) -> None:
-        if logs is not None and self._pending_logs:
-            logs.update(self._pending_logs)
-            self._pending_logs = {}
+            self.queue_logs({f"sdslora/{kind}/{k}": float(v) for k, v in ev.items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
 
 class AdapterCheckpointMixin:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data import need_file, read_json_list
+from ..data import data_hint, need_file, read_json_list
 from . import glue
 from .extract import extract_choice, extract_number, extract_option_letter, parse_gold_number
 from .metrics import METRICS, accuracy, numbers_equal
@@ -91,7 +91,7 @@ def _glue(name: str, folder: str, loader: Callable[[Path, str], list[dict[str, A
             return glue.mrpc_folder(data_dir)
         if data_dir is None:
             raise ValueError(f"task {name!r} needs the GLUE files: pass --data-dir DIR (with {folder}/) or set "
-                             "SDSLORA_DATA_DIR")
+                             f"SDSLORA_DATA_DIR; {data_hint(name)}")
         return data_dir / folder
 
     return Task(name, "classification", lambda d: loader(where(d), "train"), lambda d: loader(where(d), "dev"),
@@ -101,12 +101,13 @@ def _glue(name: str, folder: str, loader: Callable[[Path, str], list[dict[str, A
 def _json_at(rel: str, name: str) -> Loader:
     def load(data_dir: Path | None) -> list[dict[str, Any]]:
         if data_dir is None:
-            raise ValueError(f"task {name!r} needs {rel}: pass --data-dir DIR or set SDSLORA_DATA_DIR")
+            raise ValueError(f"task {name!r} needs {rel}: pass --data-dir DIR or set SDSLORA_DATA_DIR; "
+                             f"{data_hint(name)}")
         what = f"task {name}"
         if rel.endswith("train.json"):
             what += ("; this task has no local training split: train with --train-file FILE --format alpaca-choice "
                      "(e.g. LLM-Adapters commonsense_170k.json) or only evaluate it")
-        return read_json_list(need_file(data_dir / rel, what))
+        return read_json_list(need_file(data_dir / rel, what, task=name))
 
     return load
 
