@@ -1,6 +1,6 @@
 """The mechanism in its clearest form: a synthetic least-squares layer where only the factors' conditioning differs.
 
-Setup (SPEC.md §1.2, §7): a frozen ``nn.Linear(n, n)`` (n = 128) adapted at rank r = 8 by our real layer classes
+Setup (docs/algorithm.md): a frozen ``nn.Linear(n, n)`` (n = 128) adapted at rank r = 8 by our real layer classes
 (``attach`` + ``Controller``), scale s = 1. Loss L = ½‖ΔW − M*‖²_F, computed through the layer's forward on the
 identity batch (``layer(I) − W0ᵀ = ΔWᵀ``). Both methods start from the same product ΔW₀ = U Vᵀ (rank r, unit
 singular values), split between the factors with condition number κ:
@@ -16,7 +16,7 @@ orthonormalised U + ½N, V + ½N' and singular values in [1, 2]. Reported: full-
 ‖ΔW − M*‖_F / ‖M*‖_F ≤ 1e-2 with SGD and with Adam, each at the method's best learning rate from a grid (the same
 grid for both methods), ``None`` when the budget runs out.
 
-LoRA's effective gradient is G AᵀA + BBᵀG (SPEC §1.2): a skewed split slows the directions with small factor
+LoRA's effective gradient is G AᵀA + BBᵀG (docs/algorithm.md): a skewed split slows the directions with small factor
 singular values by κ-dependent factors; SDS-LoRA's is G P_A + P_B G, independent of the split.
 """
 

@@ -3,7 +3,7 @@
 LoRA-GA (Wang, Yu, Li 2024, arXiv 2407.05000) initialises from the mean gradient over a few batches, LoRA-SB
 (Ponkshe et al. 2024, arXiv 2411.19557) from the sign of the summed gradient. Both need ∂L/∂W of every adapted
 weight of the *plain* model, which for a large model would double its memory if all ``.grad`` tensors were kept.
-The trick both papers use (SPEC.md §3.2, "LOMO"-style): gradients are enabled on the target weights only, and a
+The trick both papers use ("LOMO"-style): gradients are enabled on the target weights only, and a
 hook on each target weight moves its gradient off the device the moment autograd has finished it (accumulating
 into a float32 name -> tensor dict, by default on the CPU) and frees ``.grad`` at once. Only about one layer's
 full-size gradient is alive on the device at any time.

@@ -1,6 +1,6 @@
 """LoRA-GA: low-rank adaptation with gradient approximation (Wang, Yu, Li 2024, arXiv 2407.05000).
 
-Initialisation (SPEC.md §4.1, the authors' ``lora_ga_init`` in Outsider565/LoRA-GA), from the mean full-weight
+Initialisation (the authors' ``lora_ga_init`` in Outsider565/LoRA-GA), from the mean full-weight
 gradient G_avg over a few batches (``attach(..., init_data=...)``, estimated by :func:`sdslora.init.estimate_gradients`):
 
 * U, S, V = ``torch.svd_lowrank(G_avg, q=min(4r, m, n), niter=4)`` (m = out, n = in features);

@@ -5,7 +5,7 @@ constant in backward, so ∇_A = s Q_BᵀG and ∇_B = s G Q_A and the effective
 projection s²(G Q_A Q_Aᵀ + Q_B Q_Bᵀ G) (LoRA's is s²(G AᵀA + BBᵀ G), reweighted by the factors' squared singular
 values). Forward as a rank-2r LoRA with fixed halves: y = W0 x + s [Q_B | B] [A ; Q_Aᵀ] x.
 
-Schedule (SPEC.md §1.4-§1.5, counted in optimizer steps t = 1..T):
+Schedule (docs/algorithm.md, counted in optimizer steps t = 1..T):
 * t ≤ ``warmup_steps`` (10): plain LoRA (ΔW = s B A).
 * t = ``warmup_steps``: rank-r SVD B A = U Σ Vᵀ (exact, via QR of both factors and an SVD of the r×r core);
   Q_B = U, Q_A = V, A = ½ Σ Vᵀ, B = ½ U Σ (ΔW unchanged); the optimizer state of A and B is cleared.
@@ -15,11 +15,11 @@ Schedule (SPEC.md §1.4-§1.5, counted in optimizer steps t = 1..T):
   That is the paper's refresh (``faithful=True``). The default (``refresh_align="preserve"``, docs/sds_stability.md)
   rotates each new basis to the one of the same span closest to the old basis and re-expresses A and B in the new
   bases, so that ΔW does not change at a refresh.
-* ``warmup_mode="init_phase"`` (SPEC.md §1.7): the first ``init_phase_steps`` steps form a separate phase in which every
+* ``warmup_mode="init_phase"`` (docs/algorithm.md): the first ``init_phase_steps`` steps form a separate phase in which every
   ``warmup_steps`` steps the bases are set from the SVD, A and B are reset to 0 and the optimizer state is cleared;
   the schedule above then runs on the remaining steps (step counter and T shifted by ``init_phase_steps``).
 
-Orthogonal-only ablation (SPEC.md §1.8, the paper's Table 5 "s Q_B Q_Aᵀ with trainable bases"): plain LoRA forward in
+Orthogonal-only ablation (docs/algorithm.md, the paper's Table 5 "s Q_B Q_Aᵀ with trainable bases"): plain LoRA forward in
 which, after the same warm-up, B = U and A = Vᵀ are orthonormal and are retracted to orthonormal (sign-fixed QR) at
 every scheduled refresh. [design] The warm-up update is kept, as in SDS's "reparam" mode, through a frozen offset
 U(Σ − I)Vᵀ, so ΔW = s (B A + O_B O_A) and ΔW is unchanged by the re-parameterisation.
@@ -138,7 +138,7 @@ class SDSOptions:
 def refresh_due(t: int, total_steps: int | None, opts: SDSOptions) -> bool:
     """Whether the bases are refreshed after optimizer step ``t`` (1-based, counted after any init phase).
 
-    Decay rule (SPEC.md §1.5): for t > T_w, refresh iff ``t mod (⌊t / ⌊T/k⌋⌋ + 1) == 0``.
+    Decay rule (docs/algorithm.md): for t > T_w, refresh iff ``t mod (⌊t / ⌊T/k⌋⌋ + 1) == 0``.
     """
     if t <= opts.warmup_steps:
         return False
@@ -370,7 +370,7 @@ class SDSLayer(_TwoPhase):
 
     @torch.no_grad()
     def _reparameterise(self, reset_to_zero: bool, carry: bool = False) -> list[Any] | None:
-        """Warm-up re-parameterisation (SPEC.md §1.4). With ``carry`` (from plain LoRA, A and B kept), returns the
+        """Warm-up re-parameterisation (docs/algorithm.md). With ``carry`` (from plain LoRA, A and B kept), returns the
         optimizer-state maps into the new coordinates: with Aᵀ = Q_a R_a, B = Q_b R_b, R_b R_aᵀ = U_c Σ V_cᵀ,
         SDS's gradients relate to LoRA's at the current point by ∇A' = U_cᵀ R_b⁻ᵀ ∇A and ∇B' = ∇B R_a⁻¹ V_c
         (exact for the same G). Returns None (reset the state) when not carrying, or a factor is numerically
@@ -418,7 +418,7 @@ class SDSLayer(_TwoPhase):
     @classmethod
     @torch.no_grad()
     def _refresh_batch(cls, layers: list[Any], rtol: float, align: str = "qr") -> torch.Tensor:
-        """Basis refresh (SPEC.md §1.5) of layers of identical shape, batched (one QR call per factor for the whole
+        """Basis refresh (docs/algorithm.md) of layers of identical shape, batched (one QR call per factor for the whole
         group, no host synchronisation). ``align``: "qr" (the paper: sign-fixed QR bases, A and B kept);
         "procrustes": the orthonormal basis of the new span closest to the old basis, Q' = Q_qr·polar(Q_qrᵀ Q_old)
         (A and B kept; ΔW unchanged when the spans are); "preserve": the Procrustes bases and A, B re-expressed,

@@ -4,10 +4,10 @@
 tensor (``lora_R``): r² trainable values per layer instead of LoRA's r(out + in). Forward x → A → R → B, times s,
 without a dense ΔW. Gradient: ∇_R = s BᵀGAᵀ. Export as a plain rank-r LoRA: B' = s·B·R, A' = A.
 
-* **LoRA-XS** (Bałazy et al. 2024, arXiv 2405.17604; SPEC.md §3.1), ``method="lora_xs"``: from the pretrained weight,
+* **LoRA-XS** (Bałazy et al. 2024, arXiv 2405.17604), ``method="lora_xs"``: from the pretrained weight,
   truncated SVD W0 ≈ U_r Σ_r V_rᵀ, **B = U_r, A = Σ_r V_rᵀ, R ~ N(0, init_std²)** (init_std = 1e-5, torch's RNG);
   W0 is not modified, and ΔW starts at (almost) 0.
-* **LoRA-SB** (Ponkshe et al. 2024, arXiv 2411.19557; SPEC.md §3.2), ``method="lora_sb"``: from the approximated
+* **LoRA-SB** (Ponkshe et al. 2024, arXiv 2411.19557), ``method="lora_sb"``: from the approximated
   first full fine-tuning step of AdamW, ΔW₁ = −η₁ · sign(Σ ∇_W L) over a few batches
   (``attach(model, config, init_data=[...])``; Adam's first step is g/|g|), truncated SVD ΔW₁ ≈ U_r Σ_r V_rᵀ:
   **B = U_r, A = V_rᵀ, R = Σ_r / s**, so that the model starts at s·B R A = the rank-r truncation of ΔW₁

@@ -1,4 +1,4 @@
-"""AltLoRA (arXiv 2505.12455; SPEC.md §4.4): alternating projected-gradient updates with momentum transport.
+"""AltLoRA (arXiv 2505.12455): alternating projected-gradient updates with momentum transport.
 
 Per optimizer step and layer, with the gradients ∇_A, ∇_B of the same backward pass (at A_t, B_t):
 

@@ -1,4 +1,4 @@
-"""LoRA-Pro, light variant (Wang, Liang, et al., 2024, arXiv 2407.18242; SPEC.md §4.2).
+"""LoRA-Pro, light variant (Wang, Liang, et al., 2024, arXiv 2407.18242).
 
 LoRA's equivalent full-space gradient is g̃ = s(B g_A + g_B A). LoRA-Pro chooses the factor gradients so that g̃ is
 the closest achievable to the full fine-tuning gradient G, using only ∇_A = s BᵀG and ∇_B = s G Aᵀ:

@@ -7,7 +7,7 @@ Each step the factor gradients are preconditioned by the r×r Gram matrix of the
 and AdamW moments are kept on ĝ (decoupled weight decay). With plain SGD and δ → 0 the induced full-space step is
 s(B ĝ_A + ĝ_B A) = s²(P_B G + G P_A) (scaled gradient descent): the same isotropic form as SDS-LoRA's G̃.
 
-Conventions (SPEC.md §4.3). The authors' code (``AdamWr``) uses ``correct_bias=False`` and updates A first, so that
+Conventions (as in the paper). The authors' code (``AdamWr``) uses ``correct_bias=False`` and updates A first, so that
 B's preconditioner sees the updated A. The SDS-LoRA authors' re-implementation (their baseline runs) uses
 bias-corrected AdamW and the pre-update A for both preconditioners; that is our default
 (``correct_bias=True, sequential=False``). PEFT's ``create_riemannian_optimizer(model, torch.optim.AdamW, reg=δ)``
