@@ -248,20 +248,21 @@ def effective_gradient(layer: nn.Module, direction: Mapping[str, torch.Tensor]) 
 
 
 def optimizer_direction(
-    optimizer: torch.optim.Optimizer, param: nn.Parameter, grad: torch.Tensor
+    optimizer: torch.optim.Optimizer, param: nn.Parameter, grad: torch.Tensor, *, lr: float | None = None
 ) -> torch.Tensor | None:
     """The step the optimizer would take for ``param`` given gradient ``grad``, without stepping: the returned d
     satisfies p_new = p − d (to the optimizer's arithmetic). Supported: ``AdamW`` and ``Adam`` (bias-corrected
     moments from the current state, or a fresh state; ``amsgrad``, ``maximize``, decoupled / L2 weight decay) and
     ``SGD`` (momentum, dampening, Nesterov, weight decay). Returns ``None`` for other optimizers (callers then fall
-    back to the SGD direction only) and for a parameter the optimizer does not hold.
+    back to the SGD direction only) and for a parameter the optimizer does not hold. ``lr``: use this learning
+    rate instead of the parameter group's (d is proportional to it).
     """
     group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), None)
     if group is None:
         return None
     p = param.detach()
     g = grad.detach().to(p.dtype)
-    lr = float(group["lr"])
+    lr = float(group["lr"]) if lr is None else float(lr)
     state = optimizer.state.get(param, {})
     if group.get("maximize", False):
         g = -g

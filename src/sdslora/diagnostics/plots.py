@@ -47,12 +47,36 @@ def _refresh_series(records: list[dict[str, Any]], key: str) -> tuple[list[int],
     return xs, ys
 
 
-def plot_history(records_by_run: dict[str, list[dict[str, Any]]], out_dir: str | Path) -> list[Path]:
-    """Write the history plots for ``{run label: records}`` into ``out_dir`` (created) and return their paths.
+def history_labels(paths: list[str | Path]) -> list[str]:
+    """Legend labels for diagnostics histories given as run folders or JSONL files: the run's folder name (a folder,
+    or the folder holding a ``diagnostics.jsonl``), else the file's stem. Equal names get as many parent folders as
+    tell them apart (``a/sds``, ``b/sds``); the same path given twice gets `` (2)``."""
+    keys: list[tuple[str, ...]] = []
+    for p in paths:
+        q = Path(p).absolute()
+        if Path(p).is_dir():
+            parts = q.parts
+        elif q.name == "diagnostics.jsonl":
+            parts = q.parent.parts
+        else:
+            parts = (*q.parent.parts, q.stem)
+        keys.append(tuple(x for x in parts if x != q.anchor) or (str(p),))
+    labels = []
+    for i, key in enumerate(keys):
+        k = 1
+        while k < len(key) and any(j != i and other != key and other[-k:] == key[-k:] for j, other in enumerate(keys)):
+            k += 1
+        labels.append("/".join(key[-k:]))
+    out: list[str] = []
+    for label in labels:
+        n = out.count(label) + sum(1 for x in out if x.startswith(label + " ("))
+        out.append(label if not n else f"{label} ({n + 1})")
+    return out
 
-    Files: ``alignment.png``, ``effective_rank.png``, ``stable_rank.png`` (one subplot per metric, one line per
-    run) and, when any run has SDS-LoRA refresh events, ``basis_similarity.png`` (sim_A_mean, sim_B_mean and the
-    relative ΔW jump at each refresh). A panel with no data in any run is not written.
+
+def history_figures(records_by_run: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """``{file stem: matplotlib Figure}`` for ``{run label: records}`` (see :func:`plot_history`); the caller closes
+    the figures. Every run that has data in a figure is in its legend, under its label.
 
     Raises ``ValueError`` when ``records_by_run`` is empty.
     """
@@ -63,9 +87,6 @@ def plot_history(records_by_run: dict[str, list[dict[str, Any]]], out_dir: str |
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
     panels: dict[str, list[tuple[str, str, Any]]] = {
         stem: [(k, label, _series) for k, label in keys] for stem, keys in PANELS.items()
     }
@@ -74,6 +95,8 @@ def plot_history(records_by_run: dict[str, list[dict[str, Any]]], out_dir: str |
         ("sim_B_mean", "basis similarity B", _refresh_series),
         ("jump_mean", "relative ΔW jump", _refresh_series),
     ]
+    colors = plt.rcParams["axes.prop_cycle"].by_key().get("color") or [None]
+    figures: dict[str, Any] = {}
     for stem, keys in panels.items():
         present = [
             (k, label, fn) for k, label, fn in keys if any(fn(recs, k)[0] for recs in records_by_run.values())
@@ -81,16 +104,41 @@ def plot_history(records_by_run: dict[str, list[dict[str, Any]]], out_dir: str |
         if not present:
             continue
         fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.4), squeeze=False)
+        handles: dict[str, Any] = {}
         for ax, (key, label, fn) in zip(axes[0], present):
-            for run, recs in records_by_run.items():
+            for i, (run, recs) in enumerate(records_by_run.items()):
                 xs, ys = fn(recs, key)
-                if xs:
-                    ax.plot(xs, ys, marker="." if len(xs) < 40 else None, label=run)
+                if xs:  # one colour per run in every subplot
+                    (line,) = ax.plot(xs, ys, marker="." if len(xs) < 40 else None, label=run,
+                                      color=colors[i % len(colors)])
+                    handles.setdefault(run, line)
             ax.set_title(label)
             ax.set_xlabel("optimizer step")
             ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=8)
+        order = [run for run in records_by_run if run in handles]
+        axes[0][0].legend([handles[r] for r in order], order, fontsize=8)
         fig.tight_layout()
+        figures[stem] = fig
+    return figures
+
+
+def plot_history(records_by_run: dict[str, list[dict[str, Any]]], out_dir: str | Path) -> list[Path]:
+    """Write the history plots for ``{run label: records}`` into ``out_dir`` (created) and return their paths.
+
+    Files: ``alignment.png``, ``effective_rank.png``, ``stable_rank.png`` (one subplot per metric, one line per
+    run, labelled with the run's label) and, when any run has SDS-LoRA refresh events, ``basis_similarity.png``
+    (sim_A_mean, sim_B_mean and the relative ΔW jump at each refresh). A panel with no data in any run is not
+    written. Labels for run folders / files: :func:`history_labels`.
+
+    Raises ``ValueError`` when ``records_by_run`` is empty.
+    """
+    figures = history_figures(records_by_run)
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for stem, fig in figures.items():
         path = out / f"{stem}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)

@@ -7,7 +7,9 @@ Per adapted layer, on one probe batch (model in eval mode: no dropout):
   (:mod:`sdslora.diagnostics.capture`).
 * ``G̃``: the method's effective gradient, generically J·d through ``layer.delta_weight()`` with d = the trainable
   tensors' gradients (SGD direction; ``cos_g_geff``) and, with ``optimizer=``, d = the optimizer's would-be step
-  (AdamW/Adam/SGD; ``cos_g_geff_opt``). Full fine-tuning: G̃ = G.
+  (AdamW/Adam/SGD; ``cos_g_geff_opt``; where a schedule has brought the learning rate to 0, e.g. at the last step of
+  a cosine or linear decay, the step at the group's initial rate, so the metric covers the whole run). Full
+  fine-tuning: G̃ = G.
 * ``G*`` = G − (I−P_B) G (I−P_A), the best gradient realisable through the current subspaces. Subspaces used:
   LoRA (and any layer with ``lora_A``/``lora_B`` factors, SDS-LoRA during its LoRA warm-up, the orthogonal
   ablation): col(B) and row(A). SDS-LoRA after the re-parameterisation: col(Q_B) and col(Q_A), the bases its
@@ -181,6 +183,18 @@ def _lowrank_sv(layer: nn.Module) -> torch.Tensor | None:
     return s[s > tol]
 
 
+def _direction_lr(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> float | None:
+    """None (the group's learning rate) unless that rate is 0 — a schedule at its end (cosine and linear decay reach
+    0 at the last step) or at the start of a warm-up — where the would-be step is zero and its alignment undefined:
+    then the group's ``initial_lr`` (set by torch LR schedulers; else 1), so ``cos_g_geff_opt`` is the alignment of
+    the optimizer's update direction (a cosine does not depend on a learning rate shared by the layer's tensors;
+    ``initial_lr`` keeps the ratio between groups that schedules scale alike)."""
+    group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), None)
+    if group is None or float(group["lr"]) != 0.0:
+        return None
+    return float(group.get("initial_lr") or 1.0)
+
+
 def _layer_row(
     name: str,
     module: nn.Module,
@@ -212,7 +226,7 @@ def _layer_row(
             for n, gr in grads.items():
                 if gr is None:
                     continue
-                dn = optimizer_direction(optimizer, params[n], gr)
+                dn = optimizer_direction(optimizer, params[n], gr, lr=_direction_lr(optimizer, params[n]))
                 if dn is None:
                     break
                 dirs[n] = dn
@@ -221,7 +235,8 @@ def _layer_row(
         else:
             w = module.weight
             gw = g.T if is_conv1d(module) else g
-            dn = optimizer_direction(optimizer, w, gw.to(w.dtype)) if w.requires_grad else None
+            dn = (optimizer_direction(optimizer, w, gw.to(w.dtype), lr=_direction_lr(optimizer, w))
+                  if w.requires_grad else None)
             if dn is not None:
                 geff_opt = (dn.T if is_conv1d(module) else dn).to(g.dtype)
         if geff_opt is None:
