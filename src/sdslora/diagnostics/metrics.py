@@ -1,4 +1,4 @@
-"""Matrix metrics of SPEC.md §2 and the generic effective gradient of any adapter layer.
+"""Matrix metrics of docs/diagnostics.md and the generic effective gradient of any adapter layer.
 
 All functions take plain tensors and return Python floats (``nan`` where a metric is undefined, e.g. the condition
 number of a zero matrix) or tensors; factorisations run under ``torch.no_grad()`` in float32 (float64 stays
@@ -13,7 +13,7 @@ float64).
   projectors on the column space of B and the row space of A; ‖G*‖_F / ‖G‖_F = cos(G, G*).
 * Eckart–Young: the best rank-k approximation G_k of G satisfies cos(G, G_k) = ‖G_k‖_F / ‖G‖_F
   = sqrt(Σ_{i≤k} σ_i² / Σ_i σ_i²).
-* Effective gradient (DESIGN.md "Generic diagnostics"): G̃ = −(d/dε) ΔW(θ − ε·d) = J_θ ΔW · d, the directional
+* Effective gradient (generic, any method): G̃ = −(d/dε) ΔW(θ − ε·d) = J_θ ΔW · d, the directional
   derivative of ``layer.delta_weight()`` along the update direction d of the layer's trainable tensors (d = their
   gradients for SGD, or the optimizer's would-be step), computed by forward-mode AD (``torch.func.jvp``).
 """
@@ -198,7 +198,7 @@ def effective_gradient(layer: nn.Module, direction: Mapping[str, torch.Tensor]) 
     ``direction`` (local parameter name -> tensor of the parameter's shape; missing names count as zero).
 
     With d = the SGD direction (the parameters' gradients), ΔW moves by −η G̃ per step to first order; for LoRA this
-    gives s²(G AᵀA + BBᵀG), for SDS-LoRA s²(G Q_A Q_Aᵀ + Q_B Q_Bᵀ G) (SPEC.md §1.2). Computed with
+    gives s²(G AᵀA + BBᵀG), for SDS-LoRA s²(G Q_A Q_Aᵀ + Q_B Q_Bᵀ G) (docs/algorithm.md). Computed with
     ``torch.func.jvp`` in the adapter dtype (falls back to the double-backward JVP of ``torch.autograd.functional``
     when a layer's ``delta_weight`` uses an operation without a forward-mode rule); returned in float32 (float64
     stays float64) and detached.

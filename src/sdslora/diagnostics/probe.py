@@ -1,4 +1,4 @@
-"""``diagnose(model, batch)``: is the attached method bending the gradient? (SPEC.md §2, DESIGN.md "Generic
+"""``diagnose(model, batch)``: is the attached method bending the gradient? (docs/diagnostics.md, "Generic
 diagnostics, for free".)
 
 Per adapted layer, on one probe batch (model in eval mode: no dropout):
