@@ -640,7 +640,8 @@ def _train_and_evaluate(cfg: RunConfig, out: Path, config: dict[str, Any], task:
         disable_tqdm=not progress, dataloader_num_workers=0, remove_unused_columns=False,
     )
     metrics_cb = _metrics_callback(out / "metrics.jsonl", resume_step)
-    callbacks: list[Any] = [SDSLoRACallback()]
+    duties = SDSLoRACallback()
+    callbacks: list[Any] = [duties]
     if cfg.diagnostics_every > 0:
         diag = _diagnostics_callback({k: v.to(adapted.device if use_cuda else "cpu") for k, v in probe.items()},
                                      cfg.diagnostics_every, out / "diagnostics.jsonl")
@@ -713,6 +714,10 @@ def _train_and_evaluate(cfg: RunConfig, out: Path, config: dict[str, Any], task:
         "loss_curve": [[int(r["step"]), round(float(r["loss"]), 5)] for r in metrics_cb.records
                        if isinstance(r.get("loss"), float) and math.isfinite(r["loss"])],
         "diagnostics": {k: [[s, v] for s, v in zip(*c)] for k, c in diag_curves(out).items()},
+        # the method's own events (SDS-LoRA: the re-parameterisation, every refresh with its ΔW jump and basis
+        # similarities), compact
+        "events": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in ev.items()}
+                   for ev in (duties.controller.events if duties.controller is not None else [])],
     }
     write_json(out / "results.json", results)
     write_json(out / "done.json", {"config": config, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
