@@ -62,8 +62,7 @@ def test_killed_train_resumes_to_the_uninterrupted_result(files, tmp_path, monke
     assert a["eval"] == b["eval"]
     assert a["loss_curve"] == b["loss_curve"] and len(a["loss_curve"]) == 9  # every step once, same values
     assert a["diagnostics"] == b["diagnostics"]
-    assert a["events"] == b["events"] and a["events"][0]["event"] == "reparameterise"  # refreshes with their stats
-    assert any(e["event"] == "refresh" and "sim_A_min" in e for e in a["events"])
+    assert a["events"] == b["events"] and [e["event"] for e in a["events"]] == ["reparameterise"]
     ta, tb = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (straight, resumed))
     assert ta.keys() == tb.keys()
     for k in ta:
