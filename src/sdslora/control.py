@@ -8,16 +8,22 @@ adapter saved by ``save_adapter``, so a resumed run continues the schedule exact
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .methods import AdapterLayer, StepOutcome
+from .distributed import (  # noqa: F401  (dist_rank, broadcast_from_rank0: importable from here as before)
+    broadcast_from_rank0,
+    dist_rank,
+    dist_world_size,
+    dtensor_type,
+    gathered_adapter_tensors,
+    unsupported_sharding,
+)
+from .methods import StepOutcome
 from .model import AdaptedModel
 
 
@@ -62,107 +68,6 @@ def find_adapted_model(model: nn.Module) -> AdaptedModel:
             f"expected a model returned by sdslora.attach() (or a wrapper of one), got {type(model).__name__}"
         )
     return model
-
-
-# ---- beyond one process: DDP / FSDP2 / DeepSpeed checks (see docs/scaling.md) ----------------------------------
-def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without DTensor: nothing can be FSDP2-sharded
-        return None
-    return DTensor
-
-
-def dist_world_size() -> int:
-    """World size of the default process group (1 when torch.distributed is not initialised)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def dist_rank() -> int:
-    """Rank in the default process group (0 when torch.distributed is not initialised)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-@contextlib.contextmanager
-def gathered_adapter_tensors(layers: list[AdapterLayer], broadcast: bool = False) -> Iterator[dict[int, Any]]:
-    """Full (unsharded) adapter tensors of ``layers`` for the duration of the block; sharded again afterwards.
-
-    Under FSDP2 (``fully_shard``) the adapter parameters (A, B: r x in, out x r, small) are DTensor shards. Inside
-    the block every DTensor parameter/buffer owned directly by a layer is replaced by a plain tensor holding the
-    all-gathered full value (never the base weight: it belongs to ``base_layer``), so that duties written for one
-    process (``copy_``, matmuls, QR) run unchanged. On normal exit the full values are optionally broadcast from
-    rank 0 (``broadcast=True``: every adapter tensor of the layers, sharded or not, so that all ranks hold bitwise
-    the same bases), written back into the local shards, and the sharded tensors put back. Yields a map from
-    ``id(temporary parameter)`` to the original sharded parameter (to translate optimizer-state resets). Without
-    DTensors this only does the broadcast. A collective: every rank must enter it.
-    """
-    dtensor = _dtensor_type()
-    swapped: list[tuple[dict[str, Any], str, Any, torch.Tensor]] = []
-    alias: dict[int, Any] = {}
-    try:
-        with torch.no_grad():
-            for layer in layers:
-                for store in (layer._parameters, layer._buffers):
-                    for name, t in list(store.items()):
-                        if dtensor is None or not isinstance(t, dtensor):
-                            continue
-                        full = t.full_tensor().detach().clone()
-                        new = nn.Parameter(full, requires_grad=t.requires_grad) if store is layer._parameters else full
-                        store[name] = new
-                        swapped.append((store, name, t, new))
-                        alias[id(new)] = t
-        yield alias
-        with torch.no_grad():
-            if broadcast and dist_world_size() > 1:
-                broadcast_from_rank0([t for layer in layers for t in layer.adapter_tensors().values()])
-            if swapped:
-                from torch.distributed.tensor import distribute_tensor
-
-                for _store, _name, orig, new in swapped:  # each rank keeps its own shard: no communication
-                    shard = distribute_tensor(new.detach(), orig.device_mesh, orig.placements, src_data_rank=None)
-                    orig.to_local().copy_(shard.to_local())
-    finally:
-        for store, name, orig, _new in swapped:
-            store[name] = orig
-
-
-def broadcast_from_rank0(tensors: list[torch.Tensor], bucket_numel: int = 1 << 26) -> None:
-    """Overwrite ``tensors`` in place with rank 0's values, coalesced by device and dtype into flat buckets."""
-    groups: dict[tuple[Any, Any], list[torch.Tensor]] = {}
-    for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t)
-    with torch.no_grad():
-        for ts in groups.values():
-            start = 0
-            while start < len(ts):
-                bucket, n = [], 0
-                while start < len(ts) and (not bucket or n + ts[start].numel() <= bucket_numel):
-                    bucket.append(ts[start])
-                    n += ts[start].numel()
-                    start += 1
-                flat = torch.cat([t.reshape(-1) for t in bucket])
-                dist.broadcast(flat, src=0)
-                for t, part in zip(bucket, flat.split([t.numel() for t in bucket]), strict=True):
-                    t.copy_(part.view_as(t))
-
-
-def _unsupported_sharding(model: nn.Module, adapted: AdaptedModel, optimizer: Any) -> str | None:
-    """Why the method's in-place duties would be silently wrong with this wrapping (None: fine)."""
-    for layer in adapted.adapter_layers().values():
-        for p in layer.parameters(recurse=False):
-            if hasattr(p, "ds_id") or hasattr(p, "ds_status"):
-                return "DeepSpeed ZeRO-3 partitions the adapter parameters"
-            if getattr(p, "_fsdp_flattened", False):
-                return "FSDP1 (FullyShardedDataParallel) flattens the adapter parameters into shards"
-    if any(type(m).__name__ == "FullyShardedDataParallel" for m in (model, *adapted.modules())):
-        return "FSDP1 (FullyShardedDataParallel) flattens the adapter parameters into shards"
-    seen, opt = 0, optimizer
-    while opt is not None and seen < 8:
-        if type(opt).__module__.split(".")[0] == "deepspeed":
-            return (f"the DeepSpeed optimizer {type(opt).__name__} keeps its own (fp32 master / partitioned) copies of "
-                    "the adapter parameters, which would overwrite the re-parameterised values at the next step")
-        opt, seen = getattr(opt, "optimizer", None), seen + 1
-    return None
 
 
 class Controller:
@@ -228,7 +133,7 @@ class Controller:
             )
         self._warned_past_end = False
         resets = self.layer_cls is not None and self.layer_cls.has_step_duties
-        why = _unsupported_sharding(model, self.model, optimizer) if resets else None
+        why = unsupported_sharding(model, self.model, optimizer) if resets else None
         if why:
             raise ValueError(
                 f"method {cfg.method!r} rewrites the adapter tensors in place at its per-step duties, which is not "
@@ -370,7 +275,7 @@ class Controller:
         tensor of the parameter's shape (an optimizer this does not know) or sharded (DTensor) is cleared instead."""
         if self.optimizer is None:
             return
-        dtensor = _dtensor_type()
+        dtensor = dtensor_type()
         with torch.no_grad():
             for p, left, right in maps:
                 st = self.optimizer.state.get(p)

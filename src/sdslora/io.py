@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +25,7 @@ from torch import nn
 
 from . import __version__
 from .config import AdapterConfig
-from .control import _dtensor_type, dist_rank, gathered_adapter_tensors
+from .distributed import dist_rank, dtensor_type, gathered_adapter_tensors
 from .linalg import svd_of_product
 from .methods.base import deferred_init
 from .model import AdaptedModel, attach
@@ -141,7 +142,7 @@ def _staged_dir(path: str | Path, owned: tuple[str, ...]) -> Iterator[Path]:
 
 def _cpu_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     out = {}
-    dtensor = _dtensor_type()
+    dtensor = dtensor_type()
     for k, t in tensors.items():
         if dtensor is not None and isinstance(t, dtensor):  # FSDP2 shard: gather the full tensor (a collective)
             t = t.full_tensor()
@@ -462,8 +463,18 @@ def export_peft(
                 errors[name] = float(((s[max_rank:] ** 2).sum() / (s**2).sum().clamp_min(1e-300)).sqrt())
                 b, a = u[:, :max_rank] * s[None, :max_rank], v[:, :max_rank].T
         ranks[name] = int(b.shape[1])
-        tensors[f"base_model.model.{name}.lora_A.weight"] = a
-        tensors[f"base_model.model.{name}.lora_B.weight"] = b
+        # PEFT's keys and shapes for the layer type: lora_A/lora_B.weight (Linear, Conv1D; a convolution's as kernels
+        # [k, in_ch, k...] / [out, k, 1...]), lora_embedding_A [k, num] / lora_embedding_B [dim, k] (Embedding)
+        for k, v in layer.peft_factors(b, a).items():
+            tensors[f"base_model.model.{name}.{k}"] = v
+        base = layer.base_layer
+        if layer.view.kind == "conv" and (any(d != 1 for d in base.dilation) or base.padding_mode != "zeros"):
+            warnings.warn(
+                f"layer {name!r}: PEFT <= 0.21 builds a convolution's lora_A without the base's dilation "
+                f"({base.dilation}) and padding_mode ({base.padding_mode!r}) (huggingface/peft#3697), so its unmerged "
+                "forward differs from (or fails on) this exact adapter; PEFT's merge_and_unload() is exact",
+                stacklevel=2,
+            )
     saved_modules = []
     for root in model.adapter_config.modules_to_save or []:
         for n, mod in model.model.named_modules():
