@@ -1,10 +1,15 @@
 """The ``sdslora`` command line. Each sub-command lives in its own module and registers itself in COMMANDS:
-``module path -> function(subparsers)`` that adds its parser and sets ``func`` (returning an exit code)."""
+``module path -> function(subparsers)`` that adds its parser and sets ``func`` (returning an exit code).
+
+Start-up stays light: building the parser imports every ``cli_*`` module, so those import torch, transformers and
+the rest of the library only inside their command functions (``sdslora --help``, ``--version`` and ``methods`` do
+not import torch; ``tests/test_readme.py`` checks it)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 from . import __version__
@@ -17,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "eval": "sdslora.cli_eval",
     "compare": "sdslora.cli_compare",
     "diagnose": "sdslora.cli_diagnose",
+    "data": "sdslora.cli_data",
     "evidence": "sdslora.cli_evidence",
 }
 
@@ -26,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sdslora {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in COMMANDS.items():
+        if importlib.util.find_spec(module) is None:  # a command module this installation does not have
+            continue
         try:
             importlib.import_module(module).register(sub)
         except ImportError as e:  # optional dependency missing: keep the command visible with a clear message

@@ -1,9 +1,53 @@
-"""``sdslora methods``: list the registered methods with their options and citations."""
+"""``sdslora methods``: list the registered methods with their options and citations.
+
+The listing is a static copy of the registry (:data:`METHOD_TABLE`), so that the command answers without importing
+torch (the registry imports every method's layer class). ``tests/test_readme.py`` checks that the copy equals what
+the registry gives (:func:`registry_table`); after adding a method or changing an option's default, regenerate it with
+``python -c "from sdslora.cli_methods import registry_table; print(registry_table())"``.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+
+# (name, description, options with their resolved defaults, citation), in registry order
+METHOD_TABLE: tuple[tuple[str, str, str, str], ...] = (
+    ("lora", "LoRA, ΔW = s·B·A (rsLoRA or standard scaling)", "-",
+     "Hu et al. 2021, arXiv 2106.09685; rsLoRA: Kalajdzievski 2023, arXiv 2312.03732"),
+    ("sds", "SDS-LoRA, ΔW = s(Q_B·A + B·Q_Aᵀ) with warm-up, re-parameterisation, refresh",
+     "warmup_steps=10, refresh='decay', refresh_k=5, warmup_mode='reparam', init_phase_steps=50, guard_rtol=1e-06, "
+     "faithful=False, refresh_align='preserve', reparam_state='reset', lr_scale=1.0",
+     "Oh, Baik, Lee 2026, arXiv 2606.16454"),
+    ("orthogonal", "orthogonal-only ablation of SDS-LoRA (orthonormal B, A)",
+     "warmup_steps=10, refresh='decay', refresh_k=5, warmup_mode='reparam', init_phase_steps=50, guard_rtol=1e-06, "
+     "faithful=False, refresh_align='preserve', reparam_state='reset', lr_scale=1.0",
+     "Oh, Baik, Lee 2026, arXiv 2606.16454 (Table 5)"),
+    ("lora_ga", "LoRA-GA, LoRA initialised from the SVD of the mean gradient, base shifted by −s·B0A0 (needs init_data)",
+     "direction='ArB2r', scale='stable', stable_gamma=16.0, variant='authors'", "Wang, Yu, Li 2024, arXiv 2407.05000"),
+    ("lora_xs", "LoRA-XS, ΔW = s·B·R·A, frozen B, A from the SVD of W0, only R (r×r) trains",
+     "init_std=1e-05, svd='exact', svd_niter=10", "Bałazy et al. 2024, arXiv 2405.17604"),
+    ("lora_sb", "LoRA-SB, ΔW = s·B·R·A initialised from the approximated first full-FT step, only R trains (needs "
+     "init_data)", "lr_first_step=0.0001, svd='exact', svd_niter=10", "Ponkshe et al. 2024, arXiv 2411.19557"),
+    ("pissa", "PiSSA, LoRA initialised from the principal rank-r SVD part of W0, base re-based to W0 − s·B0A0",
+     "pissa_niter=None", "Meng, Wang, Zhang 2024, arXiv 2404.02948"),
+    ("dora", "DoRA, W' = m ⊙ (W0 + s·B·A)/‖W0 + s·B·A‖_c (norm detached), trainable m", "-",
+     "Liu et al. 2024, arXiv 2402.09353"),
+    ("full", "full fine-tuning (reference)", "-", "-"),
+)
+
+
+def registry_table() -> tuple[tuple[str, str, str, str], ...]:
+    """:data:`METHOD_TABLE` as the registry gives it (imports torch)."""
+    import dataclasses
+
+    from .methods import METHODS
+
+    rows = []
+    for spec in METHODS.values():
+        defaults = dataclasses.asdict(spec.options_cls())  # resolved defaults (e.g. SDS's refresh_align)
+        rows.append((spec.name, spec.description, ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "-",
+                     spec.citation))
+    return tuple(rows)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,12 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .methods import METHODS
-
-    for spec in METHODS.values():
-        defaults = dataclasses.asdict(spec.options_cls())  # resolved defaults (e.g. SDS's refresh_align)
-        opts = ", ".join(f"{k}={v!r}" for k, v in defaults.items())
-        print(f"{spec.name:12s} {spec.description}")
-        print(f"{'':12s} options: {opts or '-'}")
-        print(f"{'':12s} cite: {spec.citation}")
+    for name, description, opts, citation in METHOD_TABLE:
+        print(f"{name:12s} {description}")
+        print(f"{'':12s} options: {opts}")
+        print(f"{'':12s} cite: {citation}")
     return 0

@@ -14,6 +14,13 @@ _FIELDS = ("model", "task", "train_file", "eval_file", "format", "data_dir", "me
            "scheduler", "warmup_ratio", "weight_decay", "max_length", "diagnostics_every", "eval_every", "train_limit",
            "eval_limit", "eval_mode", "max_new_tokens", "eval_batch_size")
 
+DEFAULT_EXCLUDE: tuple[str, ...] = ("pooler",)
+"""What ``train`` and ``compare`` (the demo included) leave out of ``--targets all-linear`` when ``--exclude`` is not
+given: BERT's pretraining pooler (``bert.pooler.dense``, trained for next-sentence prediction; a model without a
+module named ``pooler`` is unaffected). This is the one place the default is set; ``--exclude`` replaces it
+(``--exclude ''`` adapts the pooler too). The resolved list is stored in the run's config. The Python API
+(``AdapterConfig``, ``RunConfig``) adapts what ``all-linear`` finds, as PEFT does."""
+
 
 def parse_options(items: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -47,7 +54,8 @@ def add_run_arguments(p: argparse.ArgumentParser, *, grid: bool = False) -> None
     a.add_argument("--alpha", type=float)
     a.add_argument("--scaling", choices=["rslora", "standard"])
     a.add_argument("--targets", help="'all-linear', a regex, or comma-separated module names")
-    a.add_argument("--exclude", help="comma-separated module names never adapted")
+    a.add_argument("--exclude", help="comma-separated module names never adapted (default with --targets all-linear: "
+                   f"{','.join(DEFAULT_EXCLUDE)}, BERT's pretraining pooler; '' adapts every linear layer)")
     a.add_argument("--modules-to-save", help="comma-separated modules trained in full (default: the "
                                              "classification head)")
     a.add_argument("--dropout", type=float)
@@ -101,6 +109,14 @@ def run_config_fields(args: argparse.Namespace, file_fields: dict[str, Any] | No
     return fields
 
 
+def with_default_exclude(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` with :data:`DEFAULT_EXCLUDE` filled in where it applies (targets ``all-linear``, the RunConfig
+    default, and no ``exclude`` given)."""
+    if fields.get("exclude") is None and fields.get("targets", "all-linear") == "all-linear":
+        fields = {**fields, "exclude": list(DEFAULT_EXCLUDE)}
+    return fields
+
+
 def build_run_config(args: argparse.Namespace) -> Any:
     from .experiments.train import RunConfig, load_config_file
 
@@ -108,7 +124,7 @@ def build_run_config(args: argparse.Namespace) -> Any:
     fields = run_config_fields(args, file_fields)
     if fields.get("task") is not None and fields.get("format") and (fields.get("train_file") or fields.get("eval_file")):
         raise ValueError("give either --task or --train-file/--eval-file with --format, not both")
-    return RunConfig.from_dict(fields)
+    return RunConfig.from_dict(with_default_exclude(fields))
 
 
 def register(sub: argparse._SubParsersAction) -> None:

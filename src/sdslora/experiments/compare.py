@@ -147,10 +147,11 @@ def demo_config(command: str = "sdslora compare") -> CompareConfig:
     (36), classification head trained in every method, 240 steps of batch 16, each method at the learning rate the
     MRPC study chose on its validation split (:data:`DEMO_LRS`), diagnostics on, synthetic κ sweep first. Sized for
     about 10 minutes on 2 CPU cores."""
+    from ..cli_train import DEFAULT_EXCLUDE  # the one default of train and compare: the pooler is not adapted
     from ..data import SHIPPED_MRPC
 
     base = RunConfig(model="minilm-l6", task="mrpc", data_dir=str(SHIPPED_MRPC.parent), targets="all-linear",
-                     exclude=["pooler"], modules_to_save=["classifier"], r=8, alpha=4.0, steps=DEMO_STEPS,
+                     exclude=list(DEFAULT_EXCLUDE), modules_to_save=["classifier"], r=8, alpha=4.0, steps=DEMO_STEPS,
                      batch_size=16, max_length=128, diagnostics_every=80, seed=0, scheduler="cosine",
                      eval_batch_size=128)
     return CompareConfig(base=base, methods=["lora", "sds", "full"], seeds=[0], lrs=dict(DEMO_LRS), synthetic=True,
@@ -267,6 +268,16 @@ def run_compare(cc: CompareConfig, out: str | Path, *, progress: bool = True) ->
     write_json(out / "compare.json", {"compare": _cc_dict(cc)})
     t_start = time.perf_counter()
 
+    task = cc.base.get_task()
+    train_rows, eval_rows = prepare_data(cc.base, task)
+    study = cc.study
+    val_rows = None
+    if study:
+        train_rows, val_rows = split_validation(train_rows, cc.val_fraction, cc.val_max)
+    plan = planned_work(cc, len(train_rows))
+    if progress:
+        print(plan["text"], flush=True)
+
     synthetic = None
     if cc.synthetic:
         syn_file = out / "synthetic.json"
@@ -281,25 +292,19 @@ def run_compare(cc: CompareConfig, out: str | Path, *, progress: bool = True) ->
             synthetic = kappa_sweep(max_steps=cc.synthetic_max_steps)
             write_json(syn_file, synthetic)
 
-    task = cc.base.get_task()
-    train_rows, eval_rows = prepare_data(cc.base, task)
-    study = cc.study
-    val_rows = None
-    if study:
-        train_rows, val_rows = split_validation(train_rows, cc.val_fraction, cc.val_max)
     runner = _Runner(cc, out, task, train_rows, eval_rows, val_rows, progress)
-    if cc.evidence_dir:
-        runner.write_setting()
-    chosen, sweep = _choose_lrs(cc, runner)
+    runner.bar = _StepProgress(plan["runs"], plan["steps_per_run"], progress)
+    try:
+        if cc.evidence_dir:
+            runner.write_setting()
+        chosen, sweep = _choose_lrs(cc, runner)
 
-    grid = cc.grid()
-    results: list[dict[str, Any]] = []
-    bar = _bar(len(grid), "grid", progress)
-    for method, r, seed in grid:
-        bar.set_postfix_str(_run_name(method, r, seed))
-        results.append(runner.run(method, r, chosen[(method, r)], seed))
-        bar.update(1)
-    bar.close()
+        grid = cc.grid()
+        results: list[dict[str, Any]] = []
+        for method, r, seed in grid:
+            results.append(runner.run(method, r, chosen[(method, r)], seed))
+    finally:
+        runner.bar.close()
     machine = versions()
     from .stats import baseline_rate
 
@@ -323,6 +328,7 @@ class _Runner:
         self.train_rows, self.eval_rows, self.val_rows = train_rows, eval_rows, val_rows
         self.study = val_rows is not None
         self.evidence = Path(cc.evidence_dir) if cc.evidence_dir else None
+        self.bar = _StepProgress(0, 0, False)  # run_compare sets the outer progress bar
 
     def config(self, method: str, r: int, lr: float, seed: int) -> RunConfig:
         return for_method(self.cc.base, method, r=r, seed=seed, lr=float(lr))
@@ -335,9 +341,18 @@ class _Runner:
         name = self.name(method, r, lr, seed)
         found = self._from_evidence(name, cfg)
         if found is not None:
+            self.bar.skipped(name)
             return found
-        res = run_train(cfg, self.out / "runs" / name, progress=self.progress, train_rows=self.train_rows,
-                        eval_rows=self.eval_rows, val_rows=self.val_rows)
+        run_dir = self.out / "runs" / name
+        if _finished(run_dir, cfg):
+            self.bar.skipped(name)
+            res = run_train(cfg, run_dir, progress=self.progress, train_rows=self.train_rows,
+                            eval_rows=self.eval_rows, val_rows=self.val_rows)
+        else:
+            with self.bar.track(name, run_dir / "metrics.jsonl") as track:
+                res = run_train(cfg, run_dir, progress=self.progress, train_rows=self.train_rows,
+                                eval_rows=self.eval_rows, val_rows=self.val_rows)
+                track.finished(int(res.get("steps") or 0))
         res["run"] = name
         res["method"] = method  # the label the report groups by (a variant such as "sds:faithful" keeps its name)
         if self.evidence is not None:
@@ -443,10 +458,153 @@ def _choose_lrs(cc: CompareConfig, runner: _Runner) -> tuple[dict[tuple[str, int
     return chosen, sweep
 
 
-def _bar(total: int, desc: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
+def planned_work(cc: CompareConfig, n_train: int) -> dict[str, Any]:
+    """What a comparison will train, before it starts: ``runs`` (the grid, plus the learning-rate sweeps of a study;
+    a sweep widened past its grid adds runs), ``steps_per_run`` (``base.steps``, else the epochs over ``n_train``
+    rows) and a one-line ``text`` for the terminal. Runs already finished (or recorded as evidence) are counted
+    here and skipped when reached."""
+    b = cc.base
+    per_epoch = math.ceil(max(1, n_train) / (b.batch_size * b.grad_accum))
+    steps = b.steps if b.steps is not None else max(1, math.ceil(per_epoch * (b.epochs if b.epochs is not None
+                                                                             else 1.0)))
+    ranks = cc.ranks or [b.r]
+    combos = list(dict.fromkeys((m, r) for m, r, _ in cc.grid()))
+    runs, widen = 0, 0
+    for m, _r in combos:
+        grid = cc.grid_for(m) if m not in cc.lrs else None
+        if grid:  # sweep with the first seed (the chosen rate's run is that seed's), then the other seeds
+            runs += len(grid) + len(cc.seeds) - 1
+            widen += cc.widen
+        else:
+            runs += len(cc.seeds)
+    text = (f"compare: {runs} run{'s' if runs != 1 else ''} x {steps} optimizer steps = {runs * steps:,} steps"
+            + (f" (up to {widen} more runs if a learning-rate grid is widened)" if widen else "")
+            + f"; {len(cc.methods)} method(s) x {len(ranks)} rank(s) x {len(cc.seeds)} seed(s)"
+            + ("; the synthetic kappa sweep first" if cc.synthetic else "")
+            + "; runs already finished in the output folder are skipped")
+    return {"runs": runs, "steps_per_run": steps, "total_steps": runs * steps, "text": text}
 
-    return tqdm(total=total, desc=desc, disable=not enabled, position=0, leave=True)
+
+def _finished(run_dir: Path, cfg: RunConfig) -> bool:
+    """Whether ``run_dir`` holds this run finished (run_train will return its results without training)."""
+    from .train import run_state
+
+    try:
+        return (run_dir / "done.json").is_file() and run_state(run_dir, cfg.to_dict()) == "done"
+    except RunDirError:
+        return False  # run_train raises it with its message
+
+
+class _StepProgress:
+    """The outer progress bar of a comparison, in optimizer steps over all its runs: the expected total is shown
+    before the first run, and the ETA from the first step (a thread follows the running run's ``metrics.jsonl``,
+    one record per optimizer step). A run that is skipped (finished before, or recorded as evidence) takes its
+    steps off the total instead of adding them to the count, so that the rate and the ETA are those of training."""
+
+    POLL_S = 0.5
+
+    def __init__(self, runs: int, steps_per_run: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.steps_per_run = steps_per_run
+        self.planned_runs = runs
+        self.seen: set[str] = set()
+        self.n_skipped = 0
+        self.bar: Any = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=runs * steps_per_run, desc="compare", unit="step", position=0, leave=True,
+                            smoothing=0.05, dynamic_ncols=True)
+
+    def _new_run(self, name: str, skipped: bool = False) -> bool:
+        """Count run ``name`` once (a study's seed-0 run is met again in the grid: already counted)."""
+        if name in self.seen:
+            return False
+        self.seen.add(name)
+        self.n_skipped += skipped
+        if self.bar is not None:
+            if len(self.seen) > self.planned_runs:  # a widened sweep: one more run than planned
+                self.bar.total += self.steps_per_run
+            self.bar.set_postfix_str(name + (f", {self.n_skipped} skipped" if self.n_skipped else ""), refresh=True)
+        return True
+
+    def skipped(self, name: str) -> None:
+        if self._new_run(name, skipped=True) and self.bar is not None:
+            self.bar.total = max(self.bar.n, self.bar.total - self.steps_per_run)
+            self.bar.refresh()
+
+    def track(self, name: str, metrics_file: Path) -> _RunTracker:
+        return _RunTracker(self if self._new_run(name) else _StepProgress(0, 0, False), metrics_file)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _RunTracker:
+    """Counts one run's optimizer steps into the outer bar while it trains (see :class:`_StepProgress`)."""
+
+    def __init__(self, owner: _StepProgress, metrics_file: Path) -> None:
+        self.owner, self.file = owner, metrics_file
+        self.credited = 0
+        self._offset = metrics_file.stat().st_size if metrics_file.is_file() else 0  # an older run's records
+        self._buf = b""
+        self._stop = None
+        self._thread = None
+
+    def __enter__(self) -> _RunTracker:
+        if self.owner.bar is not None:
+            import threading
+
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._follow, name="sdslora-compare-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._thread is not None:
+            self._stop.set()  # type: ignore[union-attr]
+            self._thread.join()
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self.owner.POLL_S):  # type: ignore[union-attr]
+            self._poll()
+
+    def _poll(self) -> None:
+        try:
+            size = self.file.stat().st_size
+            if size < self._offset:  # the run (re)wrote its file from the start
+                self._offset, self._buf = 0, b""
+            if size == self._offset:
+                return
+            with open(self.file, "rb") as f:
+                f.seek(self._offset)
+                chunk = f.read(size - self._offset)
+        except OSError:
+            return
+        self._offset += len(chunk)
+        lines = (self._buf + chunk).split(b"\n")
+        self._buf = lines.pop()  # a line not yet complete
+        n = sum(1 for line in lines if b'"loss"' in line)
+        n = min(n, self.owner.steps_per_run - self.credited)
+        if n > 0:
+            self.credited += n
+            self.owner.bar.update(n)
+
+    def finished(self, steps: int) -> None:
+        """The run ended with ``steps`` optimizer steps: count what the poller has not, fix the planned total."""
+        if self._thread is not None:
+            self._stop.set()  # type: ignore[union-attr]
+            self._thread.join()
+            self._thread = None
+        bar = self.owner.bar
+        if bar is None:
+            return
+        if steps != self.owner.steps_per_run:
+            bar.total += steps - self.owner.steps_per_run
+        if steps > self.credited:
+            bar.update(steps - self.credited)
+            self.credited = steps
 
 
 def _cc_dict(cc: CompareConfig) -> dict[str, Any]:
@@ -457,8 +615,14 @@ def _cc_dict(cc: CompareConfig) -> dict[str, Any]:
 
 def print_summary(summary: dict[str, Any]) -> None:
     """The comparison table on the terminal (rich if installed, plain text otherwise)."""
-    rows = summary["table"]
+    from .report import TIMING_NOTE, baseline_row
+
+    rows = list(summary["table"])
     cols = summary["table_columns"]
+    runs = summary.get("runs") or []
+    base = baseline_row(summary["setup"].get("baseline"), runs[0].get("primary_metric"), cols) if runs else None
+    if base is not None:
+        rows.append(base)
     try:
         from rich.console import Console
         from rich.table import Table
@@ -476,3 +640,4 @@ def print_summary(summary: dict[str, Any]) -> None:
         print(" | ".join(cols))
         for row in rows:
             print(" | ".join(str(row.get(c, "")) for c in cols))
+    print(TIMING_NOTE.replace("`", ""))

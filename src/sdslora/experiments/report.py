@@ -1,11 +1,17 @@
 """The comparison report: ``report.md`` (tables), PNG plots and ``results.json`` with every number.
 
-Table columns (per method and rank, over seeds): the primary metric (and the task's other metrics) as mean ± std,
-trainable parameters, final train loss (mean of the last 10 logged losses), steps to reach the loss target (first
-step whose 10-step running mean is at or below it), median step time and training-state memory as ratios to LoRA at
-the same rank. Memory on CPU is analytic (:func:`~sdslora.experiments.train.training_state_bytes`: adapter tensors +
-gradients and AdamW moments of the trainable parameters + activations the adapter path saves), on CUDA the measured
-``torch.cuda.max_memory_allocated``.
+Table columns (per method and rank, over seeds): the primary metric (and the task's other metrics) as mean ± the
+half-width of the 95 % t-interval, trainable parameters, final train loss (mean of the last 10 logged losses), steps
+to reach the loss target (first step whose 10-step running mean is at or below it), and the memory ratio to LoRA at
+the same rank: on CPU the *analytic adapter-side training state* (:func:`~sdslora.experiments.train.
+training_state_bytes`: adapter tensors + gradients and AdamW moments of the trainable parameters + activations the
+adapter path saves; not the process's memory), on CUDA the measured ``torch.cuda.max_memory_allocated``. The
+majority / chance rate of the evaluation split is a row of the table and a line in the metrics plot.
+
+Step times are not compared: the runs of a comparison are made one after another, so on a shared machine their
+medians measure the load at each moment as much as the method (SDS-LoRA once read 0.08× LoRA that way).
+``results.json`` keeps each run's median step time; time ratios come from ``benchmarks/overhead.py``, which
+interleaves the methods in one process.
 """
 
 from __future__ import annotations
@@ -19,6 +25,10 @@ from .stats import mean as _mean
 from .stats import sample_var, t_interval
 from .train import write_json
 
+TIMING_NOTE = ("Step times are not compared here: the runs were made one after another, so on a shared machine their "
+               "medians reflect the load at each moment as much as the method. Time ratios measured side by side "
+               "(methods interleaved in one process) come from `python benchmarks/overhead.py` (docs/overhead.md); "
+               "each run's median step time is in results.json.")
 DIAG_KEYS = ("cos_g_geff", "cos_geff_gstar", "erank_grad_A", "erank_grad_B", "stable_rank_A")
 WINDOW = 10
 DIAG_TITLES = {"cos_g_geff": "cos(G, G̃): effective vs full gradient", "cos_geff_gstar": "cos(G̃, G*): vs best in subspaces",
@@ -114,6 +124,25 @@ def diag_curves(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
     return curves
 
 
+def _mem_column(measured: bool) -> str:
+    """The memory column's name: what it is (an analytic count of the adapter-side training state on CPU, the
+    measured CUDA peak on a GPU)."""
+    return "CUDA peak memory / LoRA" if measured else "adapter training state / LoRA (analytic)"
+
+
+def baseline_row(b: dict[str, Any] | None, primary: str, cols: list[str]) -> dict[str, Any] | None:
+    """A table row for the score of a model that learned nothing (majority class / uniform guess), or None."""
+    if not b or b.get("primary") is None:
+        return None
+    name = f"majority class (always {b['class']})" if b.get("kind") == "majority" else "chance (uniform guess)"
+    row: dict[str, Any] = {c: "" for c in cols}
+    row["method"] = name
+    row[primary] = f"{b['primary']:.4f}"
+    if b.get("metric") in cols and b.get("value") is not None:
+        row[b["metric"]] = f"{b['value']:.4f}"
+    return row
+
+
 def _label(method: str, r: int, multi_rank: bool) -> str:
     return method if method == "full" or not multi_rank else f"{method} r={r}"
 
@@ -160,8 +189,7 @@ def write_report(out: Path, cc: Any, results: list[dict[str, Any]], *, synthetic
             "final train loss": _pm([x["final_train_loss"] for x in rs]),
             "steps to loss target": (_pm([float(s) for s in reach if s is not None], 0)
                                      + ("" if all(s is not None for s in reach) else f" ({reach.count(None)} not)")),
-            "step time / LoRA": f"{st / st_ref:.2f}" if st and st_ref else "-",
-            "memory / LoRA": f"{mem / mem_ref:.2f}" if mem and mem_ref else "-",
+            _mem_column(bool(mem_key)): f"{mem / mem_ref:.2f}" if mem and mem_ref else "-",
             "lr": f"{rs[0]['lr']:g}",
         })
         table.append(row)
@@ -172,14 +200,16 @@ def write_report(out: Path, cc: Any, results: list[dict[str, Any]], *, synthetic
                             "values": [x["eval"].get(k) for x in rs]} for k in metric_names},
             "trainable_parameters": rs[0]["trainable_parameters"],
             "final_train_loss": {"mean": finals[g], "values": [x["final_train_loss"] for x in rs]},
+            # kept for readers of results.json; NOT a side-by-side measurement (see TIMING_NOTE), not in the report
             "steps_to_target": reach, "step_time_median_s": st, "step_time_ratio_to_lora": st / st_ref if st and st_ref else None,
             "memory_bytes": mem, "memory_kind": "cuda_max_allocated" if mem_key else "analytic_training_state",
             "memory_ratio_to_lora": mem / mem_ref if mem and mem_ref else None,
             "peak_rss_growth_mb": [x.get("peak_rss_growth_mb") for x in rs],
             "diagnostics_mean_over_probes": {k: {"mean": _mean(v), "values": v} for k, v in diag.items()},
         }
+    measured = any(x.get("cuda_peak_bytes") for x in results)
     cols = (["method"] + metric_names + ["trainable params", "final train loss", "steps to loss target",
-                                         "step time / LoRA", "memory / LoRA", "lr"])
+                                         _mem_column(measured), "lr"])
     plots = _plots(out, groups, curves, metric_names, primary, synthetic, baseline)
     setup = {"task": results[0]["task"], "model": base.model, "methods": cc.methods, "seeds": cc.seeds,
              "ranks": ranks, "steps": results[0]["steps"], "batch_size": base.batch_size,
@@ -197,6 +227,24 @@ def write_report(out: Path, cc: Any, results: list[dict[str, Any]], *, synthetic
     return summary
 
 
+def rebuild_report(out: str | Path) -> dict[str, Any]:
+    """Rewrite ``report.md``, the PNGs and ``results.json`` of a finished comparison from its ``results.json`` alone
+    (the runs' records carry their curves; nothing is trained), e.g. after a change of the report's format."""
+    from types import SimpleNamespace
+
+    out = Path(out)
+    old = json.loads((out / "results.json").read_text())
+    st = old["setup"]
+    base = SimpleNamespace(model=st["model"], batch_size=st["batch_size"], grad_accum=st["grad_accum"],
+                           max_length=st["max_length"], scheduler=st["scheduler"], alpha=st["alpha"],
+                           scaling=st["scaling"], targets=st["targets"], exclude=st["exclude"],
+                           diagnostics_every=st["diagnostics_every"])
+    cc = SimpleNamespace(base=base, methods=st["methods"], seeds=st["seeds"], command=st["command"],
+                         loss_target=st["loss_target"] if st.get("loss_target_rule") == "given" else None)
+    return write_report(out, cc, old["runs"], synthetic=old.get("synthetic"), sweep=old["learning_rates"],
+                        machine=old["machine"], wall_s=st["wall_s"], baseline=st.get("baseline"))
+
+
 # ---- plots ---------------------------------------------------------------------------------------------------
 def _plots(out: Path, groups: dict[str, list[dict[str, Any]]], curves: dict[str, tuple[list[int], list[float]]],
            metric_names: list[str], primary: str, synthetic: dict[str, Any] | None,
@@ -205,6 +253,7 @@ def _plots(out: Path, groups: dict[str, list[dict[str, Any]]], curves: dict[str,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     files = []
     # train loss with seed bands (min..max over seeds of the running mean)
@@ -237,7 +286,10 @@ def _plots(out: Path, groups: dict[str, list[dict[str, Any]]], curves: dict[str,
     stats = [t_interval([x["eval"].get(primary) for x in groups[g]]) for g in names]
     ms = [m if m is not None else float("nan") for m, _ in stats]
     hs = [h or 0.0 for _, h in stats]
-    ax.errorbar(range(len(names)), ms, yerr=hs, fmt="o", capsize=6, ms=7)
+    if any(hs):
+        ax.errorbar(range(len(names)), ms, yerr=hs, fmt="o", capsize=6, ms=7)
+    else:  # one seed: no interval to draw
+        ax.plot(range(len(names)), ms, "o", ms=7)
     for i, (m, _h) in enumerate(stats):
         if m is not None:
             ax.annotate(f"{m:.3f}", (i, m), textcoords="offset points", xytext=(8, 4), fontsize=8)
@@ -297,9 +349,14 @@ def _plots(out: Path, groups: dict[str, list[dict[str, Any]]], curves: dict[str,
                 ax.plot(ks, ys, marker="o", label=m)
                 for k, r in zip(ks, rows):
                     if r["steps"] is None:
-                        ax.annotate(f">{cap}", (k, cap), textcoords="offset points", xytext=(4, -10), fontsize=8)
+                        ax.annotate(f">{cap}", (k, cap), textcoords="offset points", xytext=(-34, -12), fontsize=8)
             ax.set_xscale("log")
             ax.set_yscale("log")
+            plain = matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v:g}")
+            for axis in (ax.xaxis, ax.yaxis):
+                axis.set_major_formatter(plain)
+                axis.set_minor_formatter(plain if axis is ax.yaxis and ax.get_ylim()[1] / ax.get_ylim()[0] < 10
+                                         else matplotlib.ticker.NullFormatter())
             ax.set_xlabel("κ (condition number of each factor)")
             ax.set_ylabel("steps to relative error 1e-2")
             ax.set_title(f"{opt.upper()}, best lr per method")
@@ -324,6 +381,12 @@ def _baseline_text(b: dict[str, Any] | None, n_val: int | None) -> str:
         text += (f"; every run trained on the training data minus a validation split of {n_val} rows, on which the "
                  "learning rates were chosen")
     return text
+
+
+def _table_baseline(s: dict[str, Any]) -> dict[str, Any] | None:
+    runs = s.get("runs") or []
+    primary = runs[0].get("primary_metric") if runs else None
+    return baseline_row(s["setup"].get("baseline"), primary, s["table_columns"]) if primary else None
 
 
 def _md_table(cols: list[str], rows: list[dict[str, Any]]) -> str:
@@ -377,16 +440,19 @@ def _markdown(s: dict[str, Any]) -> str:
               + _baseline_text(st.get("baseline"), st.get("n_val")) + ". Metrics are mean ± half-width of the 95 % "
               "t-interval over seeds (the mean alone with one seed). Learning rates: "
               + "; ".join(f"{m} {v['lr']:g} ({v['source']})" for m, v in s["learning_rates"].items()) + ".", "",
-              _md_table(s["table_columns"], s["table"]), "",
+              _md_table(s["table_columns"], s["table"] + [r for r in [_table_baseline(s)] if r]), "",
               f"Loss target: {st['loss_target']:.4f} ({st['loss_target_rule']}); steps = first step whose "
-              f"{WINDOW}-step running-mean train loss is at or below it. Step time: median seconds per optimizer step "
-              "(ratios to LoRA inside this one command; CPU step times vary ±30 % between runs). Memory / LoRA: "
-              + ("measured CUDA peak allocation." if any(g["memory_kind"] == "cuda_max_allocated"
+              f"{WINDOW}-step running-mean train loss is at or below it. "
+              + ("CUDA peak memory / LoRA: measured peak allocation (torch.cuda.max_memory_allocated) of each run "
+                 "over LoRA's at the same rank." if any(g["memory_kind"] == "cuda_max_allocated"
                                                         for g in s["groups"].values()) else
-                 "analytic training-state bytes beyond the frozen model's forward — adapter tensors (incl. SDS-LoRA's "
-                 "Q buffers) + gradients and two AdamW moments of every trainable parameter + activations the adapter "
-                 "path saves (tokens × r, or 2r for SDS-LoRA). Not a measurement; peak RSS growth per run is in "
-                 "results.json (unreliable in one process)."), "",
+                 "Adapter training state / LoRA (analytic): bytes counted from tensor sizes, not measured — adapter "
+                 "tensors (incl. SDS-LoRA's Q buffers) + gradients and two AdamW moments of every trainable parameter "
+                 "+ activations the adapter path saves (tokens × r, or 2r for SDS-LoRA), over LoRA's at the same "
+                 "rank. The frozen model's weights and activations, common to every method, are left out, so this "
+                 "ratio is far larger than that of the whole training state (docs/overhead.md, frozen model "
+                 "included: 1.009 for SDS-LoRA / LoRA)."), "",
+              TIMING_NOTE, "",
               "![train loss](loss_curves.png)", "", "![metrics](metrics.png)", ""]
     diag_rows = []
     for g, v in s["groups"].items():
