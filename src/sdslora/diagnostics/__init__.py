@@ -1,4 +1,4 @@
-"""Diagnostics: is the attached method bending the gradient? (docs/diagnostics.md; docs/diagnostics.md)
+"""Diagnostics: is the attached method bending the gradient? (docs/diagnostics.md)
 
     from sdslora.diagnostics import diagnose, DiagnosticsRecorder
     d = diagnose(model, probe_batch, optimizer=opt)        # d.rows (per layer), d.summary (means over layers)
