@@ -380,11 +380,11 @@ def _run(args: argparse.Namespace) -> int:
         print("summary (mean over layers): " + ", ".join(f"{k}={_fmt(v)}" for k, v in diag.summary.items()))
         print("verdict: " + verdict(diag))
         if args.json_out:
-            from .diagnostics.probe import _jsonable
+            from .utils import json_safe
 
             Path(args.json_out).write_text(
                 json.dumps(
-                    _jsonable({"summary": diag.summary, "layers": diag.rows, "events": diag.events}), indent=1
+                    json_safe({"summary": diag.summary, "layers": diag.rows, "events": diag.events}), indent=1
                 )
             )
     if args.history:

@@ -38,7 +38,7 @@ import json
 import math
 import statistics
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from ..batches import batch_loss
 from ..control import find_adapted_model, unwrap_optimizer
 from ..methods.base import AdapterLayer, is_conv1d, layer_dims, supported_base
 from ..model import AdaptedModel, _output_embedding_names
+from ..utils import json_safe, move_to
 from .capture import capture_gradients, form_gradient
 from .metrics import (
     condition_from_sv,
@@ -109,16 +110,6 @@ def _mean(values: list[Any]) -> float | None:
 def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     """``model(**batch).loss`` (Hugging Face style)."""
     return batch_loss(model, batch, "probe batch")
-
-
-def _move(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _move(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_move(v, device) for v in batch)
-    return batch
 
 
 
@@ -357,7 +348,7 @@ def diagnose(
     loss_fn = loss_fn or default_loss
     first = next(iter(model.parameters()), None)
     if first is not None:
-        batch = _move(batch, first.device)
+        batch = move_to(batch, first.device)
 
     param_index: list[tuple[str, str]] = []
     params: list[torch.Tensor] = []
@@ -461,18 +452,6 @@ def verdict(diag: Diagnostics) -> str:
     return text
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, torch.Tensor) and x.numel() == 1:
-        return _jsonable(x.item())
-    return x
-
-
 class DiagnosticsRecorder:
     """Runs :func:`diagnose` every ``every`` optimizer steps in a plain training loop and writes JSONL.
 
@@ -525,7 +504,7 @@ class DiagnosticsRecorder:
     def record(self, step: int) -> dict[str, Any]:
         """Diagnose now and write the record (regardless of ``every``)."""
         diag = diagnose(self.model, self.probe_batch, loss_fn=self.loss_fn, optimizer=self.optimizer)
-        rec = _jsonable(
+        rec = json_safe(
             {"step": int(step), "summary": diag.summary, "layers": diag.rows, "events": self._new_events()}
         )
         self.records.append(rec)

@@ -38,6 +38,7 @@ import torch
 from ..config import AdapterConfig, strict_from_dict
 from ..methods import get_method
 from ..tasks import Task, file_task, get_task
+from ..utils import json_safe
 
 DEFAULT_LR = {"lora": 1e-3, "sds": 5e-4, "orthogonal": 5e-4, "full": 5e-5}
 """Per-method default learning rates (used when ``lr`` is not given). SDS-LoRA's best rate is 2x smaller than LoRA's
@@ -220,23 +221,11 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 # ---- run folder ------------------------------------------------------------------------------------------------
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
 def write_json(path: Path, data: Any, *, compact: bool = False) -> None:
     """Atomic JSON write (temporary file + rename); ``compact``: one line, no spaces (records kept in git)."""
     tmp = path.with_name(path.name + ".tmp")
-    text = (json.dumps(_json_safe(data), separators=(",", ":"), allow_nan=False) if compact
-            else json.dumps(_json_safe(data), indent=2, allow_nan=False))
+    text = (json.dumps(json_safe(data), separators=(",", ":"), allow_nan=False) if compact
+            else json.dumps(json_safe(data), indent=2, allow_nan=False))
     tmp.write_text(text + "\n")
     os.replace(tmp, path)
 
@@ -264,7 +253,7 @@ def run_state(out: Path, config: dict[str, Any]) -> str:
                 saved = None
             if isinstance(saved, dict):  # a field added since that run was saved counts as its default value
                 saved = {**{k: _field_default(k) for k in config if k not in saved}, **saved}
-            if saved != _json_safe(config):
+            if saved != json_safe(config):
                 diff = sorted(k for k in set(config) | set(saved or {}) if (saved or {}).get(k) != config.get(k))
                 raise RunDirError(
                     f"output folder {out} holds a different run (fields that differ: {diff[:8]}); choose another "
@@ -310,9 +299,9 @@ def _field_default(name: str) -> Any:
     if f is None:
         return None
     if f.default is not dataclasses.MISSING:
-        return _json_safe(f.default)
+        return json_safe(f.default)
     if f.default_factory is not dataclasses.MISSING:
-        return _json_safe(f.default_factory())
+        return json_safe(f.default_factory())
     return None
 
 
@@ -374,7 +363,7 @@ def _metrics_callback(path: Path, resume_step: int | None = None) -> Any:
                 rec["step_time"] = self.step_time
             self.records.append(rec)
             with open(path, "a") as f:
-                f.write(json.dumps(_json_safe(rec)) + "\n")
+                f.write(json.dumps(json_safe(rec)) + "\n")
             loss = logs.get("loss")
             if isinstance(loss, (int, float)) and not math.isfinite(loss):
                 raise _nonfinite_loss(rec["step"], float(loss), path.parent)
@@ -418,7 +407,7 @@ def _curve_callback(task: Task, tok: Any, rows: list[dict[str, Any]], cfg: RunCo
                                                                         batch_size=cfg.eval_batch_size)}
             self.points.append(point)
             with open(path, "a") as f:
-                f.write(json.dumps(_json_safe(point)) + "\n")
+                f.write(json.dumps(json_safe(point)) + "\n")
             return point
 
         def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:

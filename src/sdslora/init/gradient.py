@@ -11,7 +11,7 @@ full-size gradient is alive on the device at any time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -19,18 +19,9 @@ from torch import nn
 
 from ..batches import batch_loss
 from ..methods.base import is_conv1d, supported_base
+from ..utils import move_to
 
 REDUCTIONS = ("mean", "sum")
-
-
-def _move(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device) if batch.device != device else batch
-    if isinstance(batch, Mapping):
-        return {k: _move(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_move(v, device) for v in batch)
-    return batch
 
 
 def _acc_dtype(w: torch.Tensor) -> torch.dtype:
@@ -131,7 +122,7 @@ def estimate_gradients(
         device = next(iter(params.values()))[0].device
         with torch.enable_grad():
             for batch in batches:
-                loss = loss_fn(model, _move(batch, device))
+                loss = loss_fn(model, move_to(batch, device))
                 if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                     raise ValueError("the init loss must be a scalar tensor")
                 loss.backward()
