@@ -62,7 +62,7 @@ def test_no_target_matched_lists_what_exists():
 def test_unsupported_layer_type(model, target):
     m = model()
     with pytest.raises(TypeError, match=r"(Embedding|Conv2d).*cannot adapt"):
-        sdslora.attach(m, _cfg(target_modules=target))
+        sdslora.attach(m, _cfg(method="dora", target_modules=target))
     assert _no_adapters(m)
 
 

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .methods import AdapterLayer, get_method
-from .methods.base import layer_dims, supported_base
+from .methods import METHODS, AdapterLayer, get_method
+from .methods.base import KIND_NAMES, layer_dims, layer_kind, layer_type_name, supported_base
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -112,7 +112,10 @@ def attach(
     every target is estimated on the plain model (:func:`sdslora.init.estimate_gradients`, memory-bounded) before
     the layers are swapped, and handed to each new layer's ``init_from_gradient``. Other methods ignore
     ``init_data``. Raises ``ValueError`` for an unknown method or option, no matched target, a rank larger than a
-    layer allows, or missing ``init_data``, and ``TypeError`` for an unsupported target layer type.
+    layer allows, missing ``init_data`` or a tied target weight that the method would re-base (PiSSA), and
+    ``TypeError`` for a target layer type that sdslora or the method cannot adapt (nn.Embedding and nn.Conv1d/2d/3d:
+    ``lora``, ``sds``, ``orthogonal``, ``pissa``; the others adapt linear layers only). A target whose weight is tied
+    to another module's warns: merging changes both.
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"attach() takes an AdapterConfig, got {type(config).__name__}")
@@ -128,18 +131,46 @@ def attach(
         return AdaptedModel(model, config, layers)
 
     targets = find_targets(model, config, _exact_targets)
+    param_names: dict[int, list[str]] = {}  # tied weights: one tensor under several names
+    for n, p in model.named_parameters(remove_duplicate=False):
+        param_names.setdefault(id(p), []).append(n)
     for name in targets:
         module = model.get_submodule(name)
-        if not supported_base(module):
+        kind = layer_kind(module)
+        if kind is None:
             raise TypeError(
-                f"module {name!r} is a {type(module).__name__}, which sdslora cannot adapt (supported: nn.Linear, "
-                "transformers Conv1D); remove it from target_modules"
+                f"module {name!r} is a {layer_type_name(module)}, which sdslora cannot adapt (supported: nn.Linear, "
+                "transformers Conv1D, nn.Embedding, nn.Conv1d/2d/3d); remove it from target_modules"
             )
-        n_in, n_out = layer_dims(module)
+        if kind not in spec.layer_cls.layer_kinds:
+            able = sorted(n for n, s in METHODS.items() if s.layer_cls is not None and kind in s.layer_cls.layer_kinds)
+            raise TypeError(
+                f"module {name!r} is a {layer_type_name(module)}, which method {config.method!r} cannot adapt "
+                f"(it adapts {', '.join(KIND_NAMES[k] for k in spec.layer_cls.layer_kinds)}); methods that adapt "
+                f"a {layer_type_name(module)}: "
+                f"{able}. Use one of them or remove {name!r} from target_modules"
+            )
+        try:
+            n_in, n_out = layer_dims(module)  # TypeError for a configuration without a matrix view (groups > 1, ...)
+        except TypeError as e:
+            raise TypeError(f"module {name!r}: {e}") from None
         if config.r > min(n_in, n_out):
             raise ValueError(
                 f"rank r={config.r} is larger than layer {name!r} allows (in={n_in}, out={n_out}, max rank "
                 f"{min(n_in, n_out)}); lower r or exclude this layer"
+            )
+        tied = [n for n in param_names.get(id(module.weight), []) if not _under(n, [name])]
+        if tied and spec.layer_cls.rebases_base_weight:
+            raise ValueError(
+                f"module {name!r} shares its weight with {tied} (tied weights, e.g. input embedding and LM head): "
+                f"method {config.method!r} re-bases that weight (W0 − s·B0·A0), which would change those modules "
+                f"too; untie the weights or remove {name!r} from target_modules"
+            )
+        if tied and not _from_saved:
+            warnings.warn(
+                f"module {name!r} shares its weight with {tied} (tied weights): the adapter changes {name!r} only, "
+                "but merge() / merge_and_unload() add ΔW to the shared weight and so change those modules too",
+                stacklevel=2,
             )
     options = spec.parse_options(config.options)
     data_init = spec.layer_cls.needs_init_data and not _from_saved  # a saved adapter brings its tensors: no data

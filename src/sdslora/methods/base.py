@@ -8,6 +8,7 @@ basis refresh) are declared through :meth:`AdapterLayer.on_optimizer_step`; only
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -24,20 +26,106 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def supported_base(module: nn.Module) -> bool:
+    """A linear layer (nn.Linear or transformers Conv1D): what ``target_modules="all-linear"`` selects."""
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+# ---- the base layer's matrix view -----------------------------------------------------------------------------------
+# Every method works with ΔW as an out × in matrix (nn.Linear layout) and an adapter path "down" (an r × in matrix
+# applied to the input) then "up" (an out × r matrix). A base layer's matrix view says what that means for its type:
+#   "linear"     nn.Linear W [out, in]; transformers Conv1D W [in, out] (stored transposed)
+#   "embedding"  nn.Embedding W [num_embeddings, dim]: a linear map of one-hot inputs, out = dim, in = num_embeddings,
+#                stored transposed; down = a lookup of the columns of the r × num matrix, up = a linear map
+#   "conv"       nn.Conv1d/2d/3d W [out, in_ch, k...] (groups = 1): out = out_ch, in = in_ch·∏k, the kernel read as an
+#                out × (in_ch·k...) matrix (row-major, as W.flatten(1)); down = a convolution with the r × in matrix
+#                reshaped to a kernel [r, in_ch, k...] (the base's stride, padding, dilation, padding_mode), up = a
+#                1×1 convolution with the out × r matrix
+# These are PEFT's LoRA layouts: lora_A / lora_B (Linear), lora_embedding_A [r, num] / lora_embedding_B [dim, r]
+# (Embedding), lora_A.weight [r, in_ch, k...] / lora_B.weight [out, r, 1...] (ConvNd).
+LAYER_KINDS = ("linear", "embedding", "conv")
+KIND_NAMES = {"linear": "nn.Linear / transformers Conv1D", "embedding": "nn.Embedding", "conv": "nn.Conv1d/2d/3d"}
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def layer_type_name(module: nn.Module) -> str:
+    """``nn.Linear`` / ``nn.Embedding`` / ``nn.Conv2d`` for torch's layers, else the class name."""
+    cls = type(module)
+    return f"nn.{cls.__name__}" if cls.__module__.startswith("torch.nn") else cls.__name__
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """The matrix-view kind of a base layer ("linear", "embedding", "conv"), None if it has none."""
+    if supported_base(module):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, _CONV_TYPES):
+        return "conv"
+    return None
+
+
+def _unsupported(module: nn.Module, why: str) -> TypeError:
+    return TypeError(f"{layer_type_name(module)} {why}: sdslora cannot adapt it; remove it from target_modules")
+
+
+@dataclass(frozen=True)
+class MatrixView:
+    """How a base layer's weight reads as the out × in matrix the methods work with (see the table above)."""
+
+    kind: str
+    in_features: int
+    out_features: int
+    weight_shape: tuple[int, ...]
+    transposed: bool  # the weight is stored [in, out] (transformers Conv1D, nn.Embedding)
+
+    def to_base(self, m: torch.Tensor) -> torch.Tensor:
+        """An [out, in] matrix in the layout of the base weight."""
+        if self.kind == "conv":
+            return m.reshape(self.weight_shape)
+        return m.T if self.transposed else m
+
+    def from_base(self, w: torch.Tensor) -> torch.Tensor:
+        """A tensor in the layout of the base weight as the [out, in] matrix."""
+        if self.kind == "conv":
+            return w.reshape(self.out_features, self.in_features)
+        return w.T if self.transposed else w
+
+    def peft_factors(self, up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
+        """PEFT's LoRA tensors (local key -> tensor) of the factorisation ΔW = up @ down (up [out, k], down [k, in])."""
+        if self.kind == "embedding":
+            return {"lora_embedding_A": down, "lora_embedding_B": up}
+        if self.kind == "conv":
+            ones = (1,) * (len(self.weight_shape) - 2)
+            return {"lora_A.weight": down.reshape(down.shape[0], *self.weight_shape[1:]),
+                    "lora_B.weight": up.reshape(*up.shape, *ones)}
+        return {"lora_A.weight": down, "lora_B.weight": up}
+
+
+def matrix_view(module: nn.Module) -> MatrixView:
+    """The matrix view of a base layer; TypeError for a layer type (or configuration) sdslora cannot adapt."""
+    kind = layer_kind(module)
+    if kind is None:
+        raise _unsupported(module, "is not an nn.Linear, transformers Conv1D, nn.Embedding or nn.Conv1d/2d/3d")
+    shape = tuple(int(d) for d in module.weight.shape)
+    if kind == "linear":
+        if is_conv1d(module):
+            return MatrixView(kind, shape[0], shape[1], shape, True)
+        return MatrixView(kind, module.in_features, module.out_features, shape, False)
+    if kind == "embedding":
+        if module.max_norm is not None:  # its forward renormalises rows of W in place: not a linear map of W
+            raise _unsupported(module, f"with max_norm={module.max_norm}")
+        return MatrixView(kind, shape[0], shape[1], shape, True)
+    if module.groups != 1:  # a grouped kernel is block-diagonal: not a dense out × (in·k) matrix
+        raise _unsupported(module, f"with groups={module.groups}")
+    return MatrixView(kind, math.prod(shape[1:]), shape[0], shape, False)
+
+
 def layer_dims(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a supported base layer."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if is_conv1d(module):
-        n_in, n_out = module.weight.shape
-        return int(n_in), int(n_out)
-    raise TypeError(
-        f"unsupported layer type {type(module).__name__}: sdslora adapts nn.Linear and transformers Conv1D; "
-        "remove this module from target_modules"
-    )
+    """(in_features, out_features) of an adaptable base layer's matrix view (in = in_channels·∏kernel for a
+    convolution, num_embeddings for an embedding)."""
+    view = matrix_view(module)
+    return view.in_features, view.out_features
 
 
 _DEFERRED_INIT: ContextVar[bool] = ContextVar("sdslora_deferred_init", default=False)
@@ -81,12 +169,20 @@ class AdapterLayer(nn.Module):
     # True: the method replaces the frozen base weight (PiSSA: W_res = W0 − s·B0·A0), so "adapter disabled" means the
     # re-based weight, delta_weight() is relative to the ORIGINAL W0 and merge() adds delta_to_base() instead
     rebases_base_weight: ClassVar[bool] = False
+    # the base-layer kinds (matrix views, see LAYER_KINDS) the method adapts; attach() refuses the others
+    layer_kinds: ClassVar[tuple[str, ...]] = ("linear",)
 
     def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any):
         super().__init__()
-        self.in_features, self.out_features = layer_dims(base_layer)
+        self.view = matrix_view(base_layer)
+        if self.view.kind not in self.layer_kinds:
+            raise TypeError(
+                f"{type(self).__name__} (method {self.method!r}) cannot adapt a {layer_type_name(base_layer)}; "
+                f"it adapts {', '.join(KIND_NAMES[k] for k in self.layer_kinds)}"
+            )
+        self.in_features, self.out_features = self.view.in_features, self.view.out_features
         self.base_layer = base_layer
-        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer)  # transformers Conv1D (PEFT's config field of that name)
         self.r = int(r)
         self.scale = float(scale)
         self.options = options
@@ -202,10 +298,49 @@ class AdapterLayer(nn.Module):
         return out
 
     def _cast_in(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter path's input: cast to the adapter dtype, dropout (an embedding's indices pass unchanged)."""
+        if self.view.kind == "embedding":
+            return x
         return self.dropout(x.to(self.adapter_dtype))
 
+    def _down(self, x: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """Apply a [k, in] matrix to the (cast) input the way the base layer applies W: a linear map, a lookup of
+        its columns (embedding) or a convolution with its rows as kernels (same geometry as the base)."""
+        kind = self.view.kind
+        if kind == "embedding":
+            base = self.base_layer
+            return F.embedding(x, down.T, padding_idx=base.padding_idx, scale_grad_by_freq=base.scale_grad_by_freq)
+        if kind == "conv":  # the base's own convolution (stride, padding, padding_mode, dilation) with kernel `down`
+            return self.base_layer._conv_forward(x, down.reshape(down.shape[0], *self.view.weight_shape[1:]), None)
+        return F.linear(x, down)
+
+    def _up(self, h: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """Apply an [out, k] matrix to the output of :meth:`_down` (a 1×1 convolution for a convolution)."""
+        if self.view.kind == "conv":
+            nd = len(self.view.weight_shape) - 2
+            return _CONV_FNS[nd](h, up.reshape(*up.shape, *(1,) * nd))
+        y = F.linear(h, up)
+        if self.view.kind == "embedding":  # scaled embeddings (e.g. Gemma's) scale W's rows: scale ΔW's too
+            embed_scale = getattr(self.base_layer, "embed_scale", None)
+            if embed_scale is not None:
+                y = y * (embed_scale.to(y.dtype) if isinstance(embed_scale, torch.Tensor) else embed_scale)
+        return y
+
+    def _lowrank_forward(self, x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """``s · up (down x)`` in the base layer's operation: the adapter path of ΔW = s · up @ down."""
+        return self._up(self._down(self._cast_in(x), down), up) * self.scale
+
     def _to_base_layout(self, delta: torch.Tensor) -> torch.Tensor:
-        return delta.T if self.fan_in_fan_out else delta
+        """An [out, in] matrix (ΔW) in the base weight's layout (transposed, or reshaped to the kernel)."""
+        return self.view.to_base(delta)
+
+    def weight_matrix(self) -> torch.Tensor:
+        """The base weight as the [out, in] matrix (a view of it)."""
+        return self.view.from_base(self.base_weight)
+
+    def peft_factors(self, up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
+        """PEFT's LoRA tensors of this layer (local key -> tensor) for ΔW = up @ down, as :meth:`export_lora` gives."""
+        return self.view.peft_factors(up, down)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -229,4 +364,5 @@ class AdapterLayer(nn.Module):
         self.merged = False
 
     def extra_repr(self) -> str:
-        return f"method={self.method}, in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:.4g}"
+        kind = "" if self.view.kind == "linear" else f"{self.view.kind} {tuple(self.view.weight_shape)} as "
+        return f"method={self.method}, {kind}in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:.4g}"

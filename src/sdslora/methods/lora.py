@@ -3,6 +3,11 @@
 ΔW = s · B A,  B ∈ R^{out×r} (zeros), A ∈ R^{r×in} (Kaiming-uniform with a = √5, as PEFT initialises it);
 s = α/√r (``scaling="rslora"``, default) or α/r (``"standard"``).
 Gradients: ∇_A = s BᵀG, ∇_B = s G Aᵀ, with G = ∂L/∂W.
+
+Base layers: nn.Linear, transformers Conv1D, nn.Embedding and nn.Conv1d/2d/3d (groups = 1) through their matrix
+view (``methods.base``: ΔW in [out, in] with in = num_embeddings or in_channels·∏kernel). As in PEFT, an embedding's
+factors start as A = 0, B ~ N(0, 1) (its input is one-hot: a Kaiming-uniform A over num_embeddings inputs would be
+tiny), and dropout is not applied to an embedding's indices.
 """
 
 from __future__ import annotations
@@ -12,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import AdapterLayer
@@ -30,23 +34,35 @@ def kaiming_a(out_r: int, in_features: int, dtype: torch.dtype, device: torch.de
     return a
 
 
+def lora_init(layer: AdapterLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's default initial ``(A [r, in], B [out, r])`` of a layer, ΔW = 0: A Kaiming-uniform, B = 0; for an
+    embedding A = 0, B ~ N(0, 1)."""
+    dt, dev = layer.adapter_dtype, layer.base_weight.device
+    if layer.view.kind == "embedding":
+        b = torch.empty(layer.out_features, layer.r, dtype=dt, device=dev)
+        nn.init.normal_(b)
+        return torch.zeros(layer.r, layer.in_features, dtype=dt, device=dev), b
+    return kaiming_a(layer.r, layer.in_features, dt, dev), torch.zeros(layer.out_features, layer.r, dtype=dt, device=dev)
+
+
 class LoRALayer(AdapterLayer):
     """Plain LoRA: ``y = W0 x + s · B (A dropout(x))``."""
 
     method = "lora"
+    layer_kinds = ("linear", "embedding", "conv")
 
     def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any):
         super().__init__(base_layer, r, scale, dropout, dtype, options)
-        dev = self.base_weight.device
-        self.lora_A = nn.Parameter(kaiming_a(self.r, self.in_features, self.adapter_dtype, dev))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, dtype=self.adapter_dtype, device=dev))
+        a, b = lora_init(self)
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(b)
 
     def delta_weight(self) -> torch.Tensor:
         return self.scale * (self.lora_B @ self.lora_A)
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # [..., in] -> [..., r] -> [..., out]
-        return F.linear(F.linear(self._cast_in(x), self.lora_A), self.lora_B) * self.scale
+        # [..., in] -> [..., r] -> [..., out] (embedding: lookup; convolution: kernel A, then 1×1 with B)
+        return self._lowrank_forward(x, self.lora_B, self.lora_A)
 
     @torch.no_grad()
     def export_lora(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -112,6 +112,7 @@ class LoRAGALayer(RebasedLoRALayer):
 
     method = "lora_ga"
     needs_init_data = True
+    layer_kinds = ("linear",)  # the gradient estimate (init.estimate_gradients) captures linear layers only
 
     def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any):
         super().__init__(base_layer, r, scale, dropout, dtype, options)
@@ -124,7 +125,7 @@ class LoRAGALayer(RebasedLoRALayer):
     @torch.no_grad()
     def init_from_gradient(self, grad: torch.Tensor) -> None:
         """Set A = A0, B = B0 from the mean gradient (see the module docstring) and shift W0 ← W0 − s·B0A0."""
-        w = self._to_base_layout(self.base_weight)  # [out, in]
+        w = self.weight_matrix()  # [out, in]
         a0, b0 = lora_ga_factors(grad.to(w.device), w, self.r, self.scale, self.options)
         self.lora_A.copy_(a0.to(self.adapter_dtype))
         self.lora_B.copy_(b0.to(self.adapter_dtype))

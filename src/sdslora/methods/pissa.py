@@ -6,6 +6,8 @@ the frozen base weight becomes the residual W_res = W0 − s·B0·A0 (the output
 A, B (starting at A0, B0) are trained as in LoRA: y = W_res x + s·B·A·x. Same as PEFT ``init_lora_weights="pissa"``;
 ``pissa_niter=k`` uses the randomised SVD ``torch.svd_lowrank(W0, q=r, niter=k)`` (PEFT ``"pissa_niter_k"``; the
 SDS-LoRA authors used k = 4).
+Base layers as LoRA's (nn.Embedding, nn.Conv1d/2d/3d too): the SVD is of W0's [out, in] matrix view (see
+``methods.base``; a convolution's kernel as out × in_ch·∏k).
 
 Relative to the ORIGINAL weight the update is ΔW = s·B·A − s·B0·A0 (``delta_weight()``; zero at initialisation), so
 the layer keeps A0, B0 as buffers ``lora_A0``, ``lora_B0``. ``merge()`` adds s·B·A to W_res (= W0 + ΔW). The PEFT
@@ -89,8 +91,7 @@ class PiSSALayer(RebasedLoRALayer):
         self._shift_base(-1.0)
 
     def _linear_weight(self) -> torch.Tensor:
-        w = self.base_weight
-        return w.T if self.fan_in_fan_out else w
+        return self.weight_matrix()
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", niter={self.options.pissa_niter}"

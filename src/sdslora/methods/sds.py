@@ -5,6 +5,11 @@ constant in backward, so ∇_A = s Q_BᵀG and ∇_B = s G Q_A and the effective
 projection s²(G Q_A Q_Aᵀ + Q_B Q_Bᵀ G) (LoRA's is s²(G AᵀA + BBᵀ G), reweighted by the factors' squared singular
 values). Forward as a rank-2r LoRA with fixed halves: y = W0 x + s [Q_B | B] [A ; Q_Aᵀ] x.
 
+Base layers as LoRA's (nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d/2d/3d; see ``methods.base``): all
+of the above acts on the [out, in] matrix view; for an embedding the decoupled path looks the input up in the rows of
+[A ; Q_Aᵀ]ᵀ, for a convolution it convolves with [A ; Q_Aᵀ] reshaped to a [2r, in_ch, k...] kernel, and applies
+[Q_B | B] (a 1×1 convolution): exactly the rank-2r PEFT export.
+
 Schedule (docs/algorithm.md, counted in optimizer steps t = 1..T):
 * t ≤ ``warmup_steps`` (10): plain LoRA (ΔW = s B A).
 * t = ``warmup_steps``: rank-r SVD B A = U Σ Vᵀ (exact, via QR of both factors and an SVD of the r×r core);
@@ -36,7 +41,7 @@ from torch import nn
 
 from ..linalg import qr_signfixed, svd_of_product
 from .base import AdapterLayer, StepOutcome
-from .lora import kaiming_a
+from .lora import lora_init
 
 WARMUP_MODES = ("reparam", "init_phase")
 REFRESH_ALIGNS = ("qr", "procrustes", "preserve")
@@ -213,12 +218,13 @@ class _TwoPhase(AdapterLayer):
     """Shared state of SDS and orthogonal: a LoRA warm-up phase, then a 'decoupled' phase with extra buffers."""
 
     has_step_duties = True
+    layer_kinds = ("linear", "embedding", "conv")
 
     def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any):
         super().__init__(base_layer, r, scale, dropout, dtype, options)
-        dev = self.base_weight.device
-        self.lora_A = nn.Parameter(kaiming_a(self.r, self.in_features, self.adapter_dtype, dev))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, dtype=self.adapter_dtype, device=dev))
+        a, b = lora_init(self)
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(b)
         # 0 = LoRA warm-up, 1 = decoupled; a buffer so that any state_dict (HF Trainer checkpoints, DDP) carries it
         self.register_buffer("lora_phase", torch.zeros((), dtype=torch.uint8))
         self.decoupled = False
@@ -247,11 +253,13 @@ class _TwoPhase(AdapterLayer):
         return self.scale * (up @ down)
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._cast_in(x)
         if not self.decoupled:
-            return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+            return self._lowrank_forward(x, self.lora_B, self.lora_A)
+        if self.view.kind != "linear":  # embedding / convolution: down = [d1 ; d2] (lookup or kernel), up = [u1 | u2]
+            up, down = self._halves()
+            return self._lowrank_forward(x, up, down)
         # [..., in] -> [..., 2r] -> [..., out], saving references to the blocks rather than concatenated copies
-        return _TwoBlockLinear.apply(x, *self._blocks(), self.scale)
+        return _TwoBlockLinear.apply(self._cast_in(x), *self._blocks(), self.scale)
 
     @torch.no_grad()
     def export_lora(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -106,7 +106,7 @@ class XSLayer(AdapterLayer):
 
     @torch.no_grad()
     def _init_core(self) -> None:
-        w = self._to_base_layout(self.base_weight)  # [out, in]
+        w = self.weight_matrix()  # [out, in]
         u, s, v = truncated_svd(w, self.r, self.options.svd, self.options.svd_niter)
         self.lora_B.copy_(u)
         self.lora_A.copy_(s[:, None] * v.T)
