@@ -1,4 +1,4 @@
-"""Capture the full fine-tuning gradient G = ∂L/∂W of chosen linear layers on a probe batch, with hooks.
+"""Capture the full fine-tuning gradient G = ∂L/∂W of chosen layers on a probe batch, with hooks.
 
 For a linear layer y = W x (+ b) applied to tokens x_1..x_N with output gradients δ_i = ∂L/∂y_i, the weight
 gradient is G = Σ_i δ_i x_iᵀ = δᵀX (m×n, ``nn.Linear`` layout; for an adapter layer W = W0 + ΔW, so this is the
@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from ..methods.base import layer_kind
 
 
 @dataclass
@@ -32,18 +35,49 @@ class Capture:
     deltas: list[torch.Tensor] = field(default_factory=list)
 
 
-def form_gradient(cap: Capture, out_features: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
-    """G = Σ_calls δᵀX (m×n) in ``dtype`` (zeros if the loss did not reach the layer)."""
+def form_gradient(cap: Capture, out_features: int, in_features: int, dtype: torch.dtype,
+                  base: nn.Module | None = None) -> torch.Tensor:
+    """G = ∂L/∂W (m×n, the layer's matrix view) from the captured inputs and output gradients, in ``dtype`` (zeros if
+    the loss did not reach the layer). ``base`` (the layer's base module) selects the rule: a linear layer
+    Σ_calls δᵀX; an ``nn.Embedding`` (W stored [num, dim], viewed as dim × num) adds δ into the columns of the
+    looked-up indices; a convolution (viewed as out × in·∏k) takes the kernel gradient of the base's own stride,
+    padding, dilation and padding mode."""
+    kind = layer_kind(base) if base is not None else "linear"
     g: torch.Tensor | None = None
     for x, d in zip(cap.xs, cap.deltas):
         if d is None:
             continue
-        term = d.reshape(-1, out_features).to(dtype).T @ x.reshape(-1, in_features).to(dtype)
+        if kind == "embedding":
+            term = torch.zeros(out_features, in_features, dtype=dtype, device=d.device)
+            term.index_add_(1, x.reshape(-1).to(d.device), d.reshape(-1, out_features).to(dtype).T)
+            if base.padding_idx is not None:  # the padding row never receives a gradient
+                term[:, base.padding_idx] = 0
+            scale = getattr(base, "embed_scale", None)  # scaled embeddings (Gemma): y = scale · W[x]
+            if scale is not None:
+                term = term * float(scale)
+        elif kind == "conv":
+            term = _conv_weight_grad(base, x.to(dtype), d.to(dtype)).reshape(out_features, in_features)
+        else:
+            term = d.reshape(-1, out_features).to(dtype).T @ x.reshape(-1, in_features).to(dtype)
         g = term if g is None else g + term
     if g is None:
         dev = cap.xs[0].device if cap.xs else torch.device("cpu")
         g = torch.zeros(out_features, in_features, dtype=dtype, device=dev)
     return g
+
+
+def _conv_weight_grad(conv: Any, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """∂L/∂kernel of ``conv`` (groups 1) for input ``x`` and output gradient ``d``, in the kernel's shape."""
+    nd = conv.weight.dim() - 2
+    if x.dim() == nd + 1:  # unbatched input
+        x, d = x.unsqueeze(0), d.unsqueeze(0)
+    padding = conv.padding
+    if conv.padding_mode != "zeros" or isinstance(padding, str):  # pad as the module's forward does, then none
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+        padding = 0
+    fn = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}[nd]
+    return fn(x, tuple(conv.weight.shape), d, stride=conv.stride, padding=padding, dilation=conv.dilation, groups=1)
 
 
 def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:

@@ -289,8 +289,8 @@ def _layer_row(
     return row
 
 
-def _form_g(cap: Any, n_out: int, n_in: int, dtype: torch.dtype) -> torch.Tensor:
-    return form_gradient(cap, n_out, n_in, dtype)
+def _form_g(cap: Any, n_out: int, n_in: int, dtype: torch.dtype, base: nn.Module | None = None) -> torch.Tensor:
+    return form_gradient(cap, n_out, n_in, dtype, base)
 
 
 def diagnose(
@@ -378,7 +378,7 @@ def diagnose(
         w = base.weight
         dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
         with torch.no_grad():
-            g = _form_g(caps[name], n_out, n_in, dtype)
+            g = _form_g(caps[name], n_out, n_in, dtype, base)
             rows.append(_layer_row(name, module, g, grads_by_layer[name], opt, rank, opt_ok))
         del g
         caps[name] = None  # type: ignore[assignment]  # free this layer's activations
