@@ -242,7 +242,11 @@ class _ForwardDescriptor:
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         if obj is None:
             return _class_forward
-        return _Forward(obj.model)
+        cached = obj.__dict__.get("_forward_cache")  # built once per wrapped model: no introspection per call
+        if cached is None or cached._model is not obj.model:
+            cached = _Forward(obj.model)
+            obj.__dict__["_forward_cache"] = cached
+        return cached
 
 
 class AdaptedModel(nn.Module):
