@@ -307,3 +307,14 @@ def test_paired_interval_by_seed_matches_a_hand_computation(monkeypatch):
     sd = math.sqrt(sum((x - m) ** 2 for x in d) / 2)
     assert n == 3 and (lo + hi) / 2 == pytest.approx(m) and (hi - lo) / 2 == pytest.approx(4.303 * sd / math.sqrt(3))
     assert paired_interval({0: 1.0}, {0: 2.0}) is None
+
+
+def test_full_fine_tuning_runs_once_per_seed_under_the_base_rank():
+    from sdslora.experiments.compare import CompareConfig
+    from sdslora.experiments.train import RunConfig
+
+    cc = CompareConfig(base=RunConfig(model="minilm-l6", task="mrpc", r=8), methods=["full", "lora"], seeds=[0, 1],
+                       ranks=[1, 32])
+    grid = cc.grid()
+    assert [g for g in grid if g[0] == "full"] == [("full", 8, 0), ("full", 8, 1)]  # the same runs for any ranks
+    assert [g for g in grid if g[0] == "lora"] == [("lora", 1, 0), ("lora", 32, 0), ("lora", 1, 1), ("lora", 32, 1)]

@@ -135,8 +135,10 @@ class CompareConfig:
         for seed in self.seeds:
             for r in ranks:
                 for m in self.methods:
-                    if m == "full" and r != ranks[0]:
-                        continue  # full fine-tuning has no rank: run it once per seed
+                    if m == "full":  # no rank: once per seed, under the base config's r whatever the ranks
+                        if r == ranks[0]:  # (so that a study adding ranks later reuses its full runs)
+                            out.append((m, self.base.r, seed))
+                        continue
                     out.append((m, r, seed))
         return out
 
