@@ -234,15 +234,20 @@ def _plots(name: str, setting: dict[str, Any], runs: list[dict[str, Any]], an: d
                     if not cs:
                         continue
                     n = min(len(c) for c in cs)
-                    ax.plot([c[0] for c in cs[0][:n]], [mean([c[i][1] for c in cs]) for i in range(n)], marker="o",
-                            ms=3, label=f"{_name(g['label'])} r={g['r']}")
+                    steps = [c[0] for c in cs[0][:n]]
+                    line, = ax.plot(steps, [mean([c[i][1] for c in cs]) for i in range(n)], marker="o", ms=3,
+                                    label=f"{_name(g['label'])} r={g['r']}")
+                    if len(cs) > 1:  # the seed range
+                        ax.fill_between(steps, [min(c[i][1] for c in cs) for i in range(n)],
+                                        [max(c[i][1] for c in cs) for i in range(n)], alpha=0.2,
+                                        color=line.get_color())
                 ax.set_title(DIAG_TITLES[k], fontsize=9)
                 ax.set_xlabel("optimizer step")
                 if k.startswith("kappa"):
                     ax.set_yscale("log")
                 ax.grid(alpha=0.3)
             for row in axes:
-                row[0].set_ylabel("mean over layers, seeds")
+                row[0].set_ylabel("mean over layers, seeds (band: range)")
             axes.flat[len(keys) - 1].legend(fontsize=7)
             fig.tight_layout()
             fig.savefig(out_dir / f"{name}_diagnostics.png", dpi=110)
