@@ -26,7 +26,9 @@ from .metrics import (
     truncation_alignment,
     truncation_alignment_of,
 )
-from .probe import SUMMARY_KEYS, Diagnostics, DiagnosticsRecorder, diagnose, read_history, verdict
+from .probe import SUMMARY_KEYS, Diagnostics, diagnose
+from .recorder import DiagnosticsRecorder, read_history
+from .verdict import verdict
 
 __all__ = [
     "Diagnostics",

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..integrations.hf import LoggingCallback
-from .probe import DiagnosticsRecorder
+from .recorder import DiagnosticsRecorder
 
 
 class DiagnosticsCallback(LoggingCallback):

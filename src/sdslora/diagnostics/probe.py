@@ -22,25 +22,21 @@ Per adapted layer, on one probe batch (model in eval mode: no dropout):
   bases of col(B), row(A)); stable rank and condition number κ of A and B. Every layer: stable rank, κ and rank of
   ΔW from its exact low-rank export (nonzero singular values only).
 
+Verdict in plain words: :mod:`sdslora.diagnostics.verdict`; recording over training:
+:mod:`sdslora.diagnostics.recorder`.
+
 Memory bound: the probe batch's activations (inputs and output gradients of the hooked layers) plus, for one layer
 at a time, G and at most three further matrices of the same m×n size (G̃, the optimizer's G̃, G*), one
 min(m, n)² Gram matrix (for cos(G, G_r)) and small factor matrices. Other layers' m×n matrices are never alive at
 the same time.
-
-Verdict thresholds (:func:`verdict`, ``sdslora diagnose``): factors are *well conditioned* if the median over layers
-of max(κ_A, κ_B) is < 3, *moderately* if < 10, *badly* otherwise; the effective gradient rank (mean of erank ∇_A and
-∇_B) is *low* when below r/2; alignment cos(G, G̃) is *poor* below 0.5, *fair* below 0.8, *good* otherwise.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import statistics
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,7 +46,7 @@ from ..batches import batch_loss
 from ..control import find_adapted_model, unwrap_optimizer
 from ..methods.base import AdapterLayer, is_conv1d, layer_dims, supported_base
 from ..model import AdaptedModel, _output_embedding_names
-from ..utils import json_safe, move_to
+from ..utils import move_to
 from .capture import capture_gradients, form_gradient
 from .metrics import (
     condition_from_sv,
@@ -186,6 +182,26 @@ def _direction_lr(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> floa
     return float(group.get("initial_lr") or 1.0)
 
 
+def _optimizer_effective_gradient(module: nn.Module, g: torch.Tensor, grads: dict[str, torch.Tensor | None],
+                                  optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """G̃ for the optimizer's would-be step instead of the raw gradient (None if the optimizer is not supported)."""
+    if isinstance(module, AdapterLayer):
+        params = trainable_tensors(module)
+        dirs = {}
+        for n, gr in grads.items():
+            if gr is None:
+                continue
+            dn = optimizer_direction(optimizer, params[n], gr, lr=_direction_lr(optimizer, params[n]))
+            if dn is None:
+                return None
+            dirs[n] = dn
+        return effective_gradient(module, dirs)
+    w = module.weight
+    gw = g.T if is_conv1d(module) else g
+    dn = optimizer_direction(optimizer, w, gw.to(w.dtype), lr=_direction_lr(optimizer, w)) if w.requires_grad else None
+    return None if dn is None else (dn.T if is_conv1d(module) else dn).to(g.dtype)
+
+
 def _layer_row(
     name: str,
     module: nn.Module,
@@ -193,7 +209,6 @@ def _layer_row(
     grads: dict[str, torch.Tensor | None],
     optimizer: torch.optim.Optimizer | None,
     rank: int,
-    opt_ok: list[bool],
 ) -> dict[str, Any]:
     """All metrics of one layer given its G (the only m×n gradient alive)."""
     n_in, n_out = layer_dims(module.base_layer if isinstance(module, AdapterLayer) else module)
@@ -210,29 +225,8 @@ def _layer_row(
         geff = g
     row["cos_g_geff"] = cosine(g, geff)
     if optimizer is not None:
-        geff_opt = None
-        if is_adapter:
-            params = trainable_tensors(module)
-            dirs = {}
-            for n, gr in grads.items():
-                if gr is None:
-                    continue
-                dn = optimizer_direction(optimizer, params[n], gr, lr=_direction_lr(optimizer, params[n]))
-                if dn is None:
-                    break
-                dirs[n] = dn
-            else:
-                geff_opt = effective_gradient(module, dirs)
-        else:
-            w = module.weight
-            gw = g.T if is_conv1d(module) else g
-            dn = (optimizer_direction(optimizer, w, gw.to(w.dtype), lr=_direction_lr(optimizer, w))
-                  if w.requires_grad else None)
-            if dn is not None:
-                geff_opt = (dn.T if is_conv1d(module) else dn).to(g.dtype)
-        if geff_opt is None:
-            opt_ok[0] = False
-        else:
+        geff_opt = _optimizer_effective_gradient(module, g, grads, optimizer)
+        if geff_opt is not None:  # None: an optimizer whose step the probe cannot predict (AdamW, Adam, SGD can)
             row["cos_g_geff_opt"] = cosine(g, geff_opt)
             del geff_opt
     # subspace optimum and the unconstrained rank-k optimum
@@ -371,7 +365,6 @@ def diagnose(
     del pgrads
 
     rows = []
-    opt_ok = [True]
     for name, module in modules.items():
         base = module.base_layer if isinstance(module, AdapterLayer) else module
         n_in, n_out = layer_dims(base)
@@ -379,10 +372,11 @@ def diagnose(
         dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
         with torch.no_grad():
             g = _form_g(caps[name], n_out, n_in, dtype, base)
-            rows.append(_layer_row(name, module, g, grads_by_layer[name], opt, rank, opt_ok))
+            rows.append(_layer_row(name, module, g, grads_by_layer[name], opt, rank))
         del g
         caps[name] = None  # type: ignore[assignment]  # free this layer's activations
-    if opt is not None and not opt_ok[0]:
+    opt_ok = opt is not None and all("cos_g_geff_opt" in r for r in rows)
+    if opt is not None and not opt_ok:
         warnings.warn(
             f"diagnose(): {type(opt).__name__} is not supported for the optimizer-direction alignment "
             "(AdamW, Adam, SGD are): SGD direction only",
@@ -392,147 +386,9 @@ def diagnose(
     for k in EXTRA_SUMMARY_KEYS:
         summary[k] = _mean([r.get(k) for r in rows])
     summary["loss"] = loss
-    if opt is not None and opt_ok[0]:
+    if opt_ok:
         summary["cos_g_geff_opt"] = _mean([r.get("cos_g_geff_opt") for r in rows])
     ctl = getattr(adapted, "_controller", None) if adapted is not None else None
     events = list(getattr(ctl, "events", []) or [])
     r_model = adapted.adapter_config.r if adapted is not None and adapted._layers else rank
     return Diagnostics(rows=rows, summary=summary, events=events, method=method, rank=r_model)
-
-
-# ---- reporting ------------------------------------------------------------------------------------------------
-def verdict(diag: Diagnostics) -> str:
-    """A plain-words reading of :class:`Diagnostics` (thresholds in the module docstring)."""
-    rows = diag.rows
-    parts = []
-    kappas = [
-        max(r["kappa_A"], r["kappa_B"])
-        for r in rows
-        if not _nan(r.get("kappa_A")) and not _nan(r.get("kappa_B"))
-    ]
-    bad = False
-    if kappas:
-        med = statistics.median(kappas)
-        word = "well" if med < 3 else ("moderately" if med < 10 else "badly")
-        if diag.method == "sds":  # SDS-LoRA's gradients do not depend on the factors' singular values
-            parts.append(
-                f"factors are {word} conditioned (median κ {med:.3g}; this does not enter SDS-LoRA's "
-                "gradients)"
-            )
-        else:
-            bad = med >= 10
-            parts.append(f"factors are {word} conditioned (median κ {med:.3g})")
-    er = [v for r in rows for v in (r.get("erank_grad_A"), r.get("erank_grad_B")) if not _nan(v)]
-    if er:
-        mean_er = sum(er) / len(er)
-        low = mean_er < diag.rank / 2
-        sf = [
-            v for r in rows for v in (r.get("erank_scalefree_A"), r.get("erank_scalefree_B")) if not _nan(v)
-        ]
-        extra = (
-            f", {sum(sf) / len(sf):.2g} without the factors' scaling" if sf and diag.method != "sds" else ""
-        )
-        parts.append(
-            f"effective gradient rank {mean_er:.2g} of {diag.rank}" + (" (low)" if low else "") + extra
-        )
-        bad = bad or low
-    cg = diag.summary.get("cos_g_geff")
-    if cg is not None:
-        word = "poor" if cg < 0.5 else ("fair" if cg < 0.8 else "good")
-        parts.append(f"alignment cos(G, G̃) {cg:.2f} ({word})")
-        bad = bad or cg < 0.5
-    cs = diag.summary.get("cos_geff_gstar")
-    if cs is not None and diag.method != "full":
-        parts.append(f"use of the current subspaces cos(G̃, G*) {cs:.2f}")
-    text = "; ".join(parts) if parts else "no metric could be computed"
-    if diag.method not in ("sds", "full") and kappas and bad:  # a factored (LoRA-family) method
-        text += " — SDS-LoRA removes this scaling (its effective gradient is isotropic within the subspaces)"
-    elif diag.method == "sds" and cs is not None and cs > 0.9:
-        text += " — the effective gradient is isotropic within the subspaces, as SDS-LoRA intends"
-    return text
-
-
-class DiagnosticsRecorder:
-    """Runs :func:`diagnose` every ``every`` optimizer steps in a plain training loop and writes JSONL.
-
-        rec = DiagnosticsRecorder(model, probe_batch, every=50, path="diag.jsonl", optimizer=opt)
-        for step in range(1, T + 1):
-            ...; opt.step(); ctl.step(); rec.maybe_record(step)
-
-    Each probe appends one line ``{"step", "summary", "layers", "events"}`` (``events``: the Controller's events
-    since the previous probe, e.g. SDS-LoRA refreshes with ``jump_mean`` and ``sim_A_mean``; non-finite numbers are
-    written as ``null``) and keeps the record in ``.records``. ``maybe_record`` costs one modulo when
-    ``step % every != 0``. ``path=None`` keeps records in memory only.
-
-    Raises ``ValueError`` for ``every < 1``.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        probe_batch: Any,
-        every: int = 50,
-        path: str | Path | None = None,
-        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
-        optimizer: Any = None,
-    ):
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an int >= 1, got {every!r}")
-        self.model = model
-        self.probe_batch = probe_batch
-        self.every = every
-        self.path = None if path is None else Path(path)
-        self.loss_fn = loss_fn
-        self.optimizer = optimizer
-        self.records: list[dict[str, Any]] = []
-        self._events_seen = 0
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def _new_events(self) -> list[dict[str, Any]]:
-        try:
-            ctl = find_adapted_model(self.model)._controller
-        except TypeError:
-            return []
-        events = list(getattr(ctl, "events", []) or [])
-        if len(events) < self._events_seen:  # a new Controller: start over
-            self._events_seen = 0
-        new = events[self._events_seen :]
-        self._events_seen = len(events)
-        return new
-
-    def record(self, step: int) -> dict[str, Any]:
-        """Diagnose now and write the record (regardless of ``every``)."""
-        diag = diagnose(self.model, self.probe_batch, loss_fn=self.loss_fn, optimizer=self.optimizer)
-        rec = json_safe(
-            {"step": int(step), "summary": diag.summary, "layers": diag.rows, "events": self._new_events()}
-        )
-        self.records.append(rec)
-        if self.path is not None:
-            with self.path.open("a") as f:
-                f.write(json.dumps(rec, allow_nan=False) + "\n")
-        return rec
-
-    def maybe_record(self, step: int) -> dict[str, Any] | None:
-        """Record if ``step % every == 0`` (and step > 0); returns the record or ``None``."""
-        if step % self.every or step <= 0:
-            return None
-        return self.record(step)
-
-
-def read_history(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a recorder / callback JSONL file (ValueError naming the line for a malformed one)."""
-    out = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(
-                f"{path}:{i} is not valid JSON ({e}); is this a diagnostics history file?"
-            ) from e
-        if not isinstance(rec, dict) or "step" not in rec or "summary" not in rec:
-            raise ValueError(f"{path}:{i} is not a diagnostics record (needs 'step' and 'summary')")
-        out.append(rec)
-    return out
