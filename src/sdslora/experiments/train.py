@@ -28,7 +28,6 @@ import resource
 import shutil
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -328,114 +327,17 @@ def versions() -> dict[str, Any]:
     return info
 
 
-# ---- callbacks -------------------------------------------------------------------------------------------------
-def _metrics_callback(path: Path, resume_step: int | None = None) -> Any:
-    from transformers import TrainerCallback
-
-    class MetricsLogger(TrainerCallback):
-        """Appends one JSON record per logged step to ``metrics.jsonl`` (loss, lr, grad norm, step time, ...)."""
-
-        def __init__(self) -> None:
-            self.t0 = 0.0
-            self.step_time: float | None = None
-            self.records: list[dict[str, Any]] = [] if resume_step is None else _keep_records(path, resume_step)
-            if resume_step is None:
-                path.write_text("")
-
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if not self.t0:
-                self.t0 = time.perf_counter()
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            now = time.perf_counter()
-            self.step_time = now - self.t0
-            self.t0 = now
-
-        def on_substep_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            return None
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
-            if not logs:
-                return
-            rec = {"step": int(state.global_step)}
-            rec.update({k: (float(v) if isinstance(v, (int, float)) else v) for k, v in logs.items()})
-            if "loss" in logs and self.step_time is not None:
-                rec["step_time"] = self.step_time
-            self.records.append(rec)
-            with open(path, "a") as f:
-                f.write(json.dumps(json_safe(rec)) + "\n")
-            loss = logs.get("loss")
-            if isinstance(loss, (int, float)) and not math.isfinite(loss):
-                raise _nonfinite_loss(rec["step"], float(loss), path.parent)
-
-    return MetricsLogger()
-
-
-def _diagnostics_callback(probe: dict[str, torch.Tensor], every: int, path: Path) -> Any:
-    """``sdslora.diagnostics.DiagnosticsCallback`` when that module exists; None (with a warning) otherwise."""
-    try:
-        from ..diagnostics import DiagnosticsCallback  # type: ignore[attr-defined]
-    except ImportError as e:
-        warnings.warn(f"diagnostics requested but sdslora.diagnostics is not available ({e}); training without them",
-                      stacklevel=2)
-        return None
-    try:
-        return DiagnosticsCallback(probe, every=every, path=str(path))
-    except TypeError as e:
-        warnings.warn(f"sdslora.diagnostics.DiagnosticsCallback has an unexpected signature ({e}); no diagnostics",
-                      stacklevel=2)
-        return None
-
-
-def _curve_callback(task: Task, tok: Any, rows: list[dict[str, Any]], cfg: RunConfig, path: Path,
-                    resume_step: int | None = None) -> Any:
-    """Evaluates on the validation ``rows`` at step 0 and every ``cfg.eval_every`` optimizer steps (the last step
-    is measured after training, with the final evaluation): held-out loss, and the task's metrics for
-    classification. Each point is appended to ``curve.jsonl`` as it is measured."""
-    from transformers import TrainerCallback
-
-    from .data import validation_scores
-
-    class CurveLogger(TrainerCallback):
-        def __init__(self) -> None:
-            self.points: list[dict[str, Any]] = [] if resume_step is None else _keep_records(path, resume_step)
-            if resume_step is None:
-                path.write_text("")
-
-        def measure(self, model: Any, step: int) -> dict[str, Any]:
-            point: dict[str, Any] = {"step": step, **validation_scores(model, tok, task, rows, max_length=cfg.max_length,
-                                                                        batch_size=cfg.eval_batch_size)}
-            self.points.append(point)
-            with open(path, "a") as f:
-                f.write(json.dumps(json_safe(point)) + "\n")
-            return point
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
-            if model is not None and not self.points:
-                self.measure(model, 0)
-
-        def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
-            step = int(state.global_step)
-            if model is not None and step % cfg.eval_every == 0 and step < state.max_steps:
-                self.measure(model, step)
-
-    return CurveLogger()
-
-
 def _quiet_logs(trainer: Any, progress: bool) -> None:
     """Keep the Trainer's progress bar (when ``progress``) but stop it printing every per-step log dict
     (``logging_steps=1`` feeds metrics.jsonl, which has them all)."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    from .callbacks import QuietProgress
+
     trainer.remove_callback(PrinterCallback)
     if progress:
         trainer.remove_callback(ProgressCallback)
-
-        class _Bar(ProgressCallback):
-            def on_log(self, *args: Any, **kwargs: Any) -> None:
-                return None
-
-        trainer.add_callback(_Bar())
+        trainer.add_callback(QuietProgress())
 
 
 def _build_optimizer(adapted: Any, cfg: RunConfig) -> Any:
@@ -453,17 +355,6 @@ def _build_optimizer(adapted: Any, cfg: RunConfig) -> Any:
                          "--optimizer adamw") from e
     return build_optimizer(adapted, cfg.optimizer, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                            **cfg.optimizer_options)
-
-
-def _harness_trainer_class() -> type:
-    from transformers import Trainer
-
-    from ..integrations.hf import AdapterCheckpointMixin
-
-    class HarnessTrainer(AdapterCheckpointMixin, Trainer):
-        """The Trainer with checkpoints that hold the adapter, not the whole model."""
-
-    return HarnessTrainer
 
 
 # ---- memory accounting -----------------------------------------------------------------------------------------
@@ -578,8 +469,10 @@ def _train_and_evaluate(cfg: RunConfig, out: Path, config: dict[str, Any], task:
                         checkpoint_every: int) -> dict[str, Any]:
     from transformers import TrainingArguments
 
+    from ..diagnostics import DiagnosticsCallback
     from ..integrations.hf import SDSLoRACallback
     from ..model import attach
+    from .callbacks import CurveLogger, HarnessTrainer, MetricsLogger
     from .data import Collator, ListDataset, encode, evaluate
     from .models import head_modules
     from .report import diag_curves
@@ -628,21 +521,20 @@ def _train_and_evaluate(cfg: RunConfig, out: Path, config: dict[str, Any], task:
         bf16=cfg.precision == "bf16", fp16=cfg.precision == "fp16", use_cpu=not use_cuda,
         disable_tqdm=not progress, dataloader_num_workers=0, remove_unused_columns=False,
     )
-    metrics_cb = _metrics_callback(out / "metrics.jsonl", resume_step)
+    metrics_cb = MetricsLogger(out / "metrics.jsonl", resume_step)
     duties = SDSLoRACallback()
     callbacks: list[Any] = [duties]
     if cfg.diagnostics_every > 0:
-        diag = _diagnostics_callback({k: v.to(adapted.device if use_cuda else "cpu") for k, v in probe.items()},
-                                     cfg.diagnostics_every, out / "diagnostics.jsonl")
-        if diag is not None:
-            callbacks.append(diag)
+        callbacks.append(DiagnosticsCallback({k: v.to(adapted.device if use_cuda else "cpu") for k, v in probe.items()},
+                                             every=cfg.diagnostics_every, path=str(out / "diagnostics.jsonl")))
     curve_cb = None
     if val_rows and cfg.eval_every > 0:
-        curve_cb = _curve_callback(task, tok, val_rows, cfg, out / "curve.jsonl", resume_step)
+        curve_cb = CurveLogger(out / "curve.jsonl", task, tok, val_rows, max_length=cfg.max_length,
+                               batch_size=cfg.eval_batch_size, every=cfg.eval_every, resume_step=resume_step)
         callbacks.append(curve_cb)
     callbacks.append(metrics_cb)
     optimizer = _build_optimizer(adapted, cfg)
-    trainer = _harness_trainer_class()(model=adapted, args=args, train_dataset=ListDataset(train_enc), data_collator=collate,
+    trainer = HarnessTrainer(model=adapted, args=args, train_dataset=ListDataset(train_enc), data_collator=collate,
                               callbacks=callbacks, optimizers=(optimizer, None))
     _quiet_logs(trainer, progress)
     rss0 = _peak_rss_mb()
