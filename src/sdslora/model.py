@@ -21,6 +21,7 @@ from torch import nn
 from .config import AdapterConfig
 from .methods import METHODS, AdapterLayer, get_method
 from .methods.base import KIND_NAMES, layer_dims, layer_kind, layer_type_name, supported_base
+from .methods.quantised import refusal as quantised_refusal
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -150,6 +151,9 @@ def attach(
                 f"a {layer_type_name(module)}: "
                 f"{able}. Use one of them or remove {name!r} from target_modules"
             )
+        refused = quantised_refusal(module, spec.layer_cls)  # bitsandbytes 4/8-bit, torchao: methods.quantised
+        if refused:
+            raise TypeError(f"module {name!r}: {refused}")
         try:
             n_in, n_out = layer_dims(module)  # TypeError for a configuration without a matrix view (groups > 1, ...)
         except TypeError as e:
@@ -287,6 +291,12 @@ class AdaptedModel(nn.Module):
             return inner.base_model
         return inner
 
+    @property
+    def _hf_peft_config_loaded(self) -> bool:
+        """transformers' marker for "trainable adapters are attached": its Trainer (and TRL's) refuse to fine-tune a
+        quantised model without it. True while adapter layers are attached."""
+        return bool(self._layers) and not self._unloaded
+
     def get_base_model(self) -> nn.Module:
         """The wrapped model (its target modules replaced by adapter layers), as ``PeftModel.get_base_model()``."""
         return self.model
@@ -376,8 +386,11 @@ class AdaptedModel(nn.Module):
             raise RuntimeError("this AdaptedModel was unloaded; attach() the returned model again to continue")
 
     def merge(self) -> None:
-        """Fold every ΔW into its base weight (outputs unchanged, adapter path skipped)."""
+        """Fold every ΔW into its base weight (outputs unchanged, adapter path skipped). All layers or none: a layer
+        that cannot merge (a quantised base) is found before any layer changes."""
         self._check_live()
+        for layer in self._layers.values():
+            layer.check_mergeable()
         for layer in self._layers.values():
             layer.merge()
 
@@ -406,6 +419,9 @@ class AdaptedModel(nn.Module):
         Without ``merge`` the original base weights come back, also for methods that re-base W0 (PiSSA,
         LoRA-GA: their residual weight is shifted back, up to rounding)."""
         self._check_live()
+        if merge:  # all layers or none
+            for layer in self._layers.values():
+                layer.check_mergeable()
         for name, layer in self._layers.items():
             if merge:
                 layer.merge()

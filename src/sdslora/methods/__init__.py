@@ -16,6 +16,7 @@ from .dora import DoRALayer, DoRAOptions
 from .lora import LoRALayer, LoRAOptions
 from .lora_ga import LoRAGALayer, LoRAGAOptions
 from .pissa import PiSSALayer, PiSSAOptions
+from .quantised import QuantisedMergeError, dequantize_bases
 from .sds import OrthogonalLayer, SDSLayer, SDSOptions
 from .xs import SBLayer, SBOptions, XSLayer, XSOptions
 
@@ -91,4 +92,4 @@ def get_method(name: str) -> MethodSpec:
 
 
 __all__ = ["METHODS", "MethodSpec", "AdapterLayer", "StepOutcome", "get_method", "LoRALayer", "SDSLayer",
-           "OrthogonalLayer", "SDSOptions", "LoRAOptions", "FullOptions"]
+           "OrthogonalLayer", "SDSOptions", "LoRAOptions", "FullOptions", "QuantisedMergeError", "dequantize_bases"]

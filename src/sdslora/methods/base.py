@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quantised import compute_dtype, dequantized_weight, merge_error, prepare_base, quantisation
+
 
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' ``Conv1D`` (GPT-2 style): a linear layer whose weight is stored [in, out]."""
@@ -108,6 +110,9 @@ def matrix_view(module: nn.Module) -> MatrixView:
     if kind is None:
         raise _unsupported(module, "is not an nn.Linear, transformers Conv1D, nn.Embedding or nn.Conv1d/2d/3d")
     shape = tuple(int(d) for d in module.weight.shape)
+    if kind == "linear" and quantisation(module) is not None:  # the logical matrix, not the packed storage
+        return MatrixView(kind, module.in_features, module.out_features, (module.out_features, module.in_features),
+                          False)
     if kind == "linear":
         if is_conv1d(module):
             return MatrixView(kind, shape[0], shape[1], shape, True)
@@ -171,6 +176,8 @@ class AdapterLayer(nn.Module):
     rebases_base_weight: ClassVar[bool] = False
     # the base-layer kinds (matrix views, see LAYER_KINDS) the method adapts; attach() refuses the others
     layer_kinds: ClassVar[tuple[str, ...]] = ("linear",)
+    # None: the method adapts quantised linears (bitsandbytes 4/8-bit, torchao; see methods.quantised); else why not
+    quantised_refusal: ClassVar[str | None] = None
 
     def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any):
         super().__init__()
@@ -181,14 +188,23 @@ class AdapterLayer(nn.Module):
                 f"it adapts {', '.join(KIND_NAMES[k] for k in self.layer_kinds)}"
             )
         self.in_features, self.out_features = self.view.in_features, self.view.out_features
+        quant = quantisation(base_layer)
+        if quant is not None and self.quantised_refusal:
+            raise TypeError(
+                f"{type(self).__name__} (method {self.method!r}) cannot adapt a {quant.describe()}: "
+                f"{self.quantised_refusal}"
+            )
+        if quant is not None:
+            prepare_base(base_layer)  # bitsandbytes' CPU inference repacking would cut the gradients (see there)
         self.base_layer = base_layer
         self.fan_in_fan_out = is_conv1d(base_layer)  # transformers Conv1D (PEFT's config field of that name)
         self.r = int(r)
         self.scale = float(scale)
         self.options = options
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        w = self.base_weight
-        self.adapter_dtype = torch.float32 if (dtype == "float32" and w.is_floating_point()) else w.dtype
+        # a quantised base: its compute dtype (the adapter never holds integer / packed dtypes)
+        base_dtype = compute_dtype(base_layer) if quant is not None else self.base_weight.dtype
+        self.adapter_dtype = torch.float32 if (dtype == "float32" and base_dtype.is_floating_point) else base_dtype
         self.merged = False
         self.disabled = False
 
@@ -335,8 +351,22 @@ class AdapterLayer(nn.Module):
         return self.view.to_base(delta)
 
     def weight_matrix(self) -> torch.Tensor:
-        """The base weight as the [out, in] matrix (a view of it)."""
+        """The base weight as the [out, in] matrix (a view of it); for a quantised base a dense copy of the weight it
+        computes with (dequantised; read-only use)."""
+        if self.quantised is not None:
+            return dequantized_weight(self.base_layer)
         return self.view.from_base(self.base_weight)
+
+    @property
+    def quantised(self) -> Any:
+        """The base layer's :class:`~sdslora.methods.quantised.Quantisation`, None for a dense base."""
+        return quantisation(self.base_layer)
+
+    def check_mergeable(self) -> None:
+        """Raise :class:`~sdslora.methods.quantised.QuantisedMergeError` if ``merge()`` cannot fold ΔW into the base
+        (a quantised base: re-quantising would round ΔW away; see ``methods.quantised`` for the alternatives)."""
+        if self.quantised is not None:
+            raise merge_error(self)
 
     def peft_factors(self, up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
         """PEFT's LoRA tensors of this layer (local key -> tensor) for ΔW = up @ down, as :meth:`export_lora` gives."""
@@ -347,6 +377,7 @@ class AdapterLayer(nn.Module):
         """Add ΔW to the base weight (in place); the adapter path is then skipped."""
         if self.merged:
             return
+        self.check_mergeable()
         w = self.base_weight
         delta = self._to_base_layout(self.delta_to_base()).to(w.dtype)
         if not torch.isfinite(delta).all():

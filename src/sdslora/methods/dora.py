@@ -53,9 +53,9 @@ class DoRALayer(AdapterLayer):
         self._merged_norm: torch.Tensor | None = None  # the norm used by merge(), needed by unmerge()
 
     def _w0(self) -> torch.Tensor:
-        """The frozen weight in nn.Linear layout [out, in], in the adapter dtype."""
-        w = self.base_weight
-        return (w.T if self.fan_in_fan_out else w).to(self.adapter_dtype)
+        """The frozen weight in nn.Linear layout [out, in], in the adapter dtype (a quantised base's dequantised
+        weight: the weight it computes with, formed per call as PEFT's DoRA on bitsandbytes does)."""
+        return self.weight_matrix().to(self.adapter_dtype)
 
     @torch.no_grad()
     def _weight_norm(self, w0: torch.Tensor | None = None) -> torch.Tensor:
@@ -79,8 +79,7 @@ class DoRALayer(AdapterLayer):
         xd = self._cast_in(x)
         g = self._gain()
         if base_result is None:
-            w = self.base_weight
-            base_result = F.linear(xd, (w.T if self.fan_in_fan_out else w).to(xd.dtype))
+            base_result = F.linear(xd, self._w0().to(xd.dtype))
         lora = F.linear(F.linear(xd, self.lora_A), self.lora_B)  # [..., in] -> [..., r] -> [..., out]
         return (g - 1) * base_result.to(lora.dtype) + g * lora * self.scale
 
@@ -99,6 +98,7 @@ class DoRALayer(AdapterLayer):
         """W ← g ⊙ (W0 + s·B·A) (in place); the norm is kept so that ``unmerge()`` can invert it."""
         if self.merged:
             return
+        self.check_mergeable()
         w0 = self._w0()
         norm = self._weight_norm(w0)
         g = (self.lora_magnitude_vector / norm)[:, None]

@@ -78,6 +78,10 @@ class RebasedLoRALayer(LoRALayer):
     original model and ``restore_base()`` undoes it. Subclasses set A0, B0 and call :meth:`_shift_base` (-1)."""
 
     rebases_base_weight = True
+    quantised_refusal = (
+        "it re-bases the frozen weight (W0 − s·B0·A0), which a quantised weight cannot hold exactly: re-quantising "
+        "the shifted weight would change the output at initialisation and make the PEFT export inexact"
+    )
 
     def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any):
         # AdapterLayer's __init__, not LoRALayer's: A and B are set by the subclass's initialisation, and drawing a

@@ -130,6 +130,9 @@ class SBLayer(XSLayer):
 
     method = "lora_sb"
     needs_init_data = True
+    quantised_refusal = (
+        "its initialisation needs the full-weight gradient ∂L/∂W0 (init_data), which a quantised weight cannot carry"
+    )
 
     def _init_core(self) -> None:
         """Nothing to do here: the core is set by init_from_gradient (fresh attach) or the saved tensors (load)."""
