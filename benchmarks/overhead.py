@@ -9,13 +9,13 @@ What is measured, inside one process:
   of each repeat's mean step time. SDS-LoRA is timed in its decoupled phase (the re-parameterisation is done first,
   the bases stay fixed during the timed steps).
 * refresh: the time of one scheduled basis refresh (``Controller.step`` at a refresh step, all layers), median over
-  repeats, amortised as refresh_time x 0.457 (refreshes per step of the k = 5 schedule, SPEC.md §1.5) / SDS step time.
+  repeats, amortised as refresh_time x 0.457 (refreshes per step of the k = 5 schedule, docs/algorithm.md) / SDS step time.
 * memory: on CPU there is no allocator high-water mark for torch tensors, so memory is counted analytically from
   tensor sizes: parameters + buffers, gradients, optimizer state, and the tensors autograd saves for backward
   (``torch.autograd.graph.saved_tensors_hooks``, each storage counted once, parameter storages not again). With
   ``--device cuda`` the allocator's peak (``torch.cuda.max_memory_allocated``) is reported as well.
 
-Targets (SPEC.md §5, issue 2): SDS/LoRA(2r) time <= 1.05; amortised refresh <= 1 % of the step time; SDS/LoRA(r)
+Targets: SDS/LoRA(2r) time <= 1.05; amortised refresh <= 1 % of the step time; SDS/LoRA(r)
 memory <= 1.01 at model scale. Results are printed and written to ``docs/overhead.md``.
 """
 
@@ -37,7 +37,7 @@ from torch import nn
 
 import sdslora
 
-REFRESH_RATE = 0.457  # refreshes per step of the k = 5 decaying schedule (SPEC.md §1.5)
+REFRESH_RATE = 0.457  # refreshes per step of the k = 5 decaying schedule (docs/algorithm.md)
 
 
 # ---- workloads ---------------------------------------------------------------------------------------------------

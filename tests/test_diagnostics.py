@@ -74,7 +74,7 @@ def test_diagnose_closed_forms_end_to_end_lora_and_sds() -> None:
         adapted = _adapted("llama", method=method, dtype=D)
         if method == "sds":
             for layer in adapted.adapter_layers().values():
-                layer._reparameterise(False)
+                layer.reparameterise(False)
         ref = copy.deepcopy(adapted)
         for layer in ref.adapter_layers().values():
             layer.base_weight.requires_grad_(True)
@@ -203,7 +203,7 @@ def test_sds_aligns_better_than_lora_from_a_skewed_start() -> None:
         with torch.no_grad():
             layer.lora_A.copy_(src.lora_A)
             layer.lora_B.copy_(src.lora_B)
-        layer._reparameterise(False)  # ΔW unchanged, bases from the SVD of B A
+        layer.reparameterise(False)  # ΔW unchanged, bases from the SVD of B A
         assert torch.allclose(layer.delta_weight(), src.delta_weight(), atol=1e-6)
     probe = batch_for("llama", seed=99, n=8)
     d_lora, d_sds = diagnose(lora, probe), diagnose(sds, probe)

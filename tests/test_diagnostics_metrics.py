@@ -143,7 +143,7 @@ def test_generic_jvp_equals_lora_closed_form() -> None:
 
 def test_generic_jvp_equals_sds_closed_form() -> None:
     layer = _layer("sds")
-    layer._reparameterise(False)
+    layer.reparameterise(False)
     s = layer.scale
     qb, qa = layer.lora_QB, layer.lora_QA.T  # Q_B [out, r], Q_A [in, r]
     G = torch.randn(12, 9, generator=torch.Generator().manual_seed(6), dtype=D)

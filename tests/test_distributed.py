@@ -3,7 +3,7 @@
 Each scenario runs in scripts under tests/dist_scripts/ launched with ``python -m torch.distributed.run``; they
 compare every run with a one-process run on the same global batch and write a JSON summary that is checked here.
 Also: the Controller's setup errors for wrappings it cannot serve (DeepSpeed ZeRO, FSDP1), its schedule query
-``duties_due`` against what the duties really do, and micro-batch calls under Accelerate's gradient accumulation.
+``plan.due`` against what the duties really do, and micro-batch calls under Accelerate's gradient accumulation.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from models import batch_for, tiny_llama
 
 import sdslora
-from sdslora.methods.base import StepOutcome
+from sdslora.methods.plan import StepOutcome
 
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 T = 20
@@ -181,17 +181,18 @@ def test_bad_sync_value() -> None:
         ("orthogonal", {"refresh": "never"}, 30),
     ],
 )
-def test_duties_due_matches_what_the_duties_do(method: str, options: dict[str, Any], total: int) -> None:
-    """The Controller gathers / syncs only on steps where ``duties_due``; it must cover every step that acts."""
+def test_plan_due_matches_what_the_duties_do(method: str, options: dict[str, Any], total: int) -> None:
+    """The Controller runs the plan (and gathers / syncs) only on steps where ``plan.due(t)``: that must cover every
+    step whose duties act, so the plan is run on every step here and compared."""
     model = sdslora.attach(
         tiny_llama(), sdslora.AdapterConfig(method=method, r=2, target_modules=["q_proj"], options=options)
     )
     ctl = sdslora.Controller(model, torch.optim.SGD(model.trainable_parameters(), lr=0.0), total_steps=total)
-    cls, opts = ctl.layer_cls, ctl.options
+    plan = ctl.plan
     for t in range(1, total + 1):
-        out = ctl.step()
+        out = plan.run(ctl.layers, t)
         acted = bool(out.events or out.reset_params or getattr(out, "state_maps", None))
-        assert acted == cls.duties_due(t, total, opts), t
+        assert acted == plan.due(t), t
 
 
 class _GradState:

@@ -123,14 +123,14 @@ def test_duty_that_produces_nonfinite_values_is_rolled_back(monkeypatch):
     model, _, ctl = _sds_run(warmup=2)
     ctl.step()
     before = _adapter_tensors(model)
-    real = SDSLayer._reparameterise
+    real = SDSLayer.reparameterise
 
     def overflowing(self, *a, **kw):
         out = real(self, *a, **kw)
         self.lora_QA.mul_(float("inf"))
         return out
 
-    monkeypatch.setattr(SDSLayer, "_reparameterise", overflowing)
+    monkeypatch.setattr(SDSLayer, "reparameterise", overflowing)
     with pytest.raises(NonFiniteError, match="duty after optimizer step 2 produced .* NaN/Inf value.* lora_QA"):
         ctl.step()
     after = _adapter_tensors(model)

@@ -66,7 +66,7 @@ def _sds_layers(n_layers=3, seed=0, dtype=torch.float64):
     with torch.no_grad():
         for layer in layers:
             layer.lora_B.normal_()
-            layer._reparameterise(reset_to_zero=False)
+            layer.reparameterise(reset_to_zero=False)
             layer.lora_A.add_(0.3 * torch.randn_like(layer.lora_A))  # training moved the factors
             layer.lora_B.add_(0.3 * torch.randn_like(layer.lora_B))
     return layers, copy.deepcopy(layers)
@@ -80,10 +80,10 @@ def test_batched_refresh_equals_one_layer_at_a_time(align):
     with torch.no_grad():  # the middle layer is rank deficient: it must be skipped, the others refreshed
         for group in (batched, single):
             group[1].lora_B[:, 2] = 0.0
-    rows = SDSLayer._refresh_batch(batched, 1e-6, align)
+    rows = SDSLayer.refresh_batch(batched, 1e-6, align)
     assert rows[:, 3].tolist() == [1.0, 0.0, 1.0]
     for i, (b, s) in enumerate(zip(batched, single)):
-        stats = s._refresh(1e-6, align)
+        stats = s.refresh(1e-6, align)
         assert (stats is None) == (i == 1)
         if stats is not None:
             torch.testing.assert_close(rows[i, :3], torch.stack(stats), rtol=1e-10, atol=1e-12)

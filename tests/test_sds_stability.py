@@ -58,7 +58,7 @@ def test_aligned_refresh_with_unchanged_span_keeps_delta(align):
     layer = _decoupled_layer()
     before = layer.delta_weight().detach().clone()
     qa_before, qb_before = layer.lora_QA.clone(), layer.lora_QB.clone()
-    jump, sim_a, sim_b = layer._refresh(1e-6, align)
+    jump, sim_a, sim_b = layer.refresh(1e-6, align)
     assert _rel(layer.delta_weight().detach(), before) < 1e-10
     assert float(jump) < 1e-10
     assert float(sim_a) == pytest.approx(1.0, abs=1e-12) and float(sim_b) == pytest.approx(1.0, abs=1e-12)
@@ -70,7 +70,7 @@ def test_qr_refresh_with_unchanged_span_rotates_inside_it():
     """The faithful refresh moves ΔW although the span did not change (the rotation inside the span)."""
     layer = _decoupled_layer()
     before = layer.delta_weight().detach().clone()
-    jump, sim_a, sim_b = layer._refresh(1e-6, "qr")
+    jump, sim_a, sim_b = layer.refresh(1e-6, "qr")
     after = layer.delta_weight().detach()
     assert float(sim_a) == pytest.approx(1.0, abs=1e-12)  # same span ...
     assert _rel(after, before) > 0.05  # ... but ΔW jumped
@@ -87,7 +87,7 @@ def test_procrustes_refresh_jump_is_the_part_forced_by_the_span_change():
     qa_new, qb_new = _closest_basis(A.T, qa_old), _closest_basis(B, qb_old)
     expected = s * ((qb_new - qb_old) @ A + B @ (qa_new - qa_old).T)
     forced = float(torch.linalg.norm(expected) / torch.linalg.norm(before))
-    jump, _sa, _sb = layer._refresh(1e-6, "procrustes")
+    jump, _sa, _sb = layer.refresh(1e-6, "procrustes")
     after = layer.delta_weight().detach()
     torch.testing.assert_close(layer.lora_QA.T, qa_new, rtol=0, atol=1e-10)
     torch.testing.assert_close(layer.lora_QB, qb_new, rtol=0, atol=1e-10)
@@ -96,7 +96,7 @@ def test_procrustes_refresh_jump_is_the_part_forced_by_the_span_change():
     assert forced > 1e-4
     # the faithful QR refresh of the same state jumps further
     layer2 = _decoupled_layer(seed=3, span_noise=0.05)
-    assert float(layer2._refresh(1e-6, "qr")[0]) > 2 * forced
+    assert float(layer2.refresh(1e-6, "qr")[0]) > 2 * forced
 
 
 def test_preserve_refresh_keeps_delta_with_changed_span():
@@ -104,7 +104,7 @@ def test_preserve_refresh_keeps_delta_with_changed_span():
     A, B = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
     qa_old, qb_old = layer.lora_QA.T.clone(), layer.lora_QB.clone()
     before = layer.delta_weight().detach().clone()
-    jump, _sa, _sb = layer._refresh(1e-6, "preserve")
+    jump, _sa, _sb = layer.refresh(1e-6, "preserve")
     assert _rel(layer.delta_weight().detach(), before) < 1e-10
     assert float(jump) < 1e-10
     # the bases are the Procrustes-aligned bases of the old factors' spans
@@ -190,7 +190,7 @@ def test_lr_factor_rewarm_and_scale_applied_around_the_step():
         assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * (1.0 - 0.01 * t))  # the scheduler's value is intact
     opts = SDSOptions(warmup_steps=2, reparam_state="rewarm:3", lr_scale=0.5)
     expected = [0.1 * (1.0 - 0.01 * (t - 1)) * (1.0 if t <= 2 else 0.5 * min(t - 2, 4) / 4) for t in range(1, 9)]
-    assert ctl.layer_cls.lr_factor(3, 20, opts) == pytest.approx(0.125)
+    assert ctl.plan.lr_factor(3) == pytest.approx(0.125)
     assert seen == pytest.approx(expected)
 
 

@@ -23,7 +23,7 @@ from .distributed import (  # noqa: F401  (dist_rank, broadcast_from_rank0: impo
     gathered_adapter_tensors,
     unsupported_sharding,
 )
-from .methods import StepOutcome
+from .methods import StepOutcome, StepPlan, get_method
 from .model import AdaptedModel
 
 
@@ -108,8 +108,9 @@ class Controller:
         layers = self.model.adapter_layers()
         self.layers = list(layers.values())
         self.layer_names = list(layers)
-        self.layer_cls = type(self.layers[0]) if self.layers else None
-        needs_t = self.layer_cls is not None and self.layer_cls.requires_total_steps(self.options)
+        # the method's schedule: what it does over the run's optimizer steps (nothing for most methods)
+        self.plan_cls: type[StepPlan] = get_method(cfg.method).plan_cls if self.layers else StepPlan
+        needs_t = self.plan_cls.needs_total_steps(self.options)
         saved = self.model._pending_controller_state
         if total_steps is None and saved and saved.get("total_steps") is not None:
             total_steps = saved["total_steps"]  # resuming a saved run: its T comes with it
@@ -123,16 +124,15 @@ class Controller:
         if total_steps is not None and total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
         self.total_steps = total_steps
-        if total_steps is not None and self.layer_cls is not None and self.layer_cls.has_step_duties and not any(
-            self.layer_cls.duties_due(t, total_steps, self.options) for t in range(1, total_steps + 1)
-        ):
+        self.plan = self.plan_cls(self.options, total_steps)
+        if total_steps is not None and self.plan.acts and self.plan.first_duty() is None:
             raise ValueError(
                 f"total_steps={total_steps} ends before method {cfg.method!r} runs any of its per-step duties (for "
                 "SDS-LoRA: the re-parameterisation after the warm-up, options.warmup_steps), so the run would train "
                 "plain LoRA under another name; train for more steps or shorten the warm-up"
             )
         self._warned_past_end = False
-        resets = self.layer_cls is not None and self.layer_cls.has_step_duties
+        resets = self.plan.acts
         why = unsupported_sharding(model, self.model, optimizer) if resets else None
         if why:
             raise ValueError(
@@ -156,7 +156,7 @@ class Controller:
         self.t = 0
         self.events: list[dict[str, Any]] = []
         self._lr_saved: list[tuple[dict[str, Any], Any]] = []
-        if self.optimizer is not None and self.layer_cls is not None and self.layer_cls.uses_lr_factor(self.options):
+        if self.optimizer is not None and self.plan_cls.scales_lr(self.options):
             # the method scales the adapter's learning rate by lr_factor(t) (a function of the step counter only,
             # so a resumed run continues exactly): around every optimizer.step(), on top of any LR scheduler
             # one set of hooks per optimizer: a new Controller on the same optimizer (re-created, resumed) replaces the
@@ -193,20 +193,16 @@ class Controller:
                 f"Controller.step(): optimizer step {new_t} is past total_steps={self.total_steps}; the method's "
                 "schedule was planned for that many steps and does nothing more. Pass the run's real length as "
                 "total_steps.", stacklevel=2)
-        if self.layer_cls is None:
+        if not self.plan.due(new_t):
             self.t = new_t
             return StepOutcome()
-        due = self.layer_cls.duties_due(new_t, self.total_steps, self.options)
-        if not due:
-            self.t = new_t
-            return self.layer_cls.on_optimizer_step(self.layers, new_t, self.total_steps, self.options)
         with gathered_adapter_tensors(self.layers, broadcast=self._sync_now()) as alias:
             # inside the block the layers hold full (gathered) tensors; raising here skips the write-back into
             # FSDP2 shards, and the snapshot below restores unsharded tensors, so a failed duty changes nothing
             self._check_finite(new_t, "before")
             snapshot = [(t_, t_.detach().clone()) for layer in self.layers for t_ in layer.adapter_tensors().values()]
             try:
-                out = self.layer_cls.on_optimizer_step(self.layers, new_t, self.total_steps, self.options)
+                out = self.plan.run(self.layers, new_t)
                 self._check_finite(new_t, "after")
             except Exception as e:
                 with torch.no_grad():
@@ -323,8 +319,7 @@ class Controller:
                 return
 
     def _lr_pre_hook(self, _opt: Any, _args: Any, _kwargs: Any) -> None:
-        assert self.layer_cls is not None
-        factor = float(self.layer_cls.lr_factor(self.t + 1, self.total_steps, self.options))
+        factor = float(self.plan.lr_factor(self.t + 1))
         self._lr_saved = []
         if factor == 1.0:
             return
@@ -379,8 +374,9 @@ class Controller:
         if state.get("method") not in (None, self.model.adapter_config.method):
             raise ValueError(f"controller state is for method {state.get('method')!r}, not {self.model.method!r}")
         saved_t = state.get("total_steps")
-        if self.total_steps is None:
+        if self.total_steps is None and saved_t is not None:
             self.total_steps = saved_t
+            self.plan = self.plan_cls(self.options, saved_t)
         elif saved_t is not None and saved_t != self.total_steps:
             raise ValueError(
                 f"the saved run had total_steps={saved_t}, this Controller has {self.total_steps}: the refresh "

@@ -344,8 +344,8 @@ def _build_optimizer(adapted: Any, cfg: RunConfig) -> Any:
     """None for plain AdamW (the Trainer builds it) unless the method scales the adapter's learning rate (SDS-LoRA's
     ``lr_scale`` / ``rewarm:N``: then the adapter needs a param group of its own); else
     ``sdslora.optim.build_optimizer``."""
-    layer_cls = get_method(cfg.method).layer_cls
-    scales_lr = layer_cls is not None and layer_cls.uses_lr_factor(adapted.adapter_config.method_options())
+    spec = get_method(cfg.method)
+    scales_lr = spec.layer_cls is not None and spec.plan_cls.scales_lr(adapted.adapter_config.method_options())
     if cfg.optimizer == "adamw" and not scales_lr:
         return None
     try:

@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import check_field_types
-from .base import AdapterLayer, StepOutcome
+from .base import AdapterLayer
 from .dora import DoRALayer, DoRAOptions
 from .lora import LoRALayer, LoRAOptions
 from .lora_ga import LoRAGALayer, LoRAGAOptions
 from .pissa import PiSSALayer, PiSSAOptions
+from .plan import StepOutcome, StepPlan
 from .quantised import QuantisedMergeError, dequantize_bases
-from .sds import OrthogonalLayer, SDSLayer, SDSOptions
+from .sds import OrthogonalLayer, SDSLayer, SDSOptions, SDSPlan
 from .xs import SBLayer, SBOptions, XSLayer, XSOptions
 
 
@@ -33,6 +34,7 @@ class MethodSpec:
     options_cls: type
     description: str
     citation: str
+    plan_cls: type[StepPlan] = StepPlan  # what the method does over training steps (default: nothing)
 
     def parse_options(self, options: dict[str, Any] | None) -> Any:
         options = dict(options or {})
@@ -52,11 +54,11 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "sds": MethodSpec(
         "sds", SDSLayer, SDSOptions, "SDS-LoRA, ΔW = s(Q_B·A + B·Q_Aᵀ) with warm-up, re-parameterisation, refresh",
-        "Oh, Baik, Lee 2026, arXiv 2606.16454",
+        "Oh, Baik, Lee 2026, arXiv 2606.16454", SDSPlan,
     ),
     "orthogonal": MethodSpec(
         "orthogonal", OrthogonalLayer, SDSOptions, "orthogonal-only ablation of SDS-LoRA (orthonormal B, A)",
-        "Oh, Baik, Lee 2026, arXiv 2606.16454 (Table 5)",
+        "Oh, Baik, Lee 2026, arXiv 2606.16454 (Table 5)", SDSPlan,
     ),
     "lora_ga": MethodSpec(
         "lora_ga", LoRAGALayer, LoRAGAOptions,
@@ -91,5 +93,5 @@ def get_method(name: str) -> MethodSpec:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "MethodSpec", "AdapterLayer", "StepOutcome", "get_method", "LoRALayer", "SDSLayer",
+__all__ = ["METHODS", "MethodSpec", "AdapterLayer", "StepOutcome", "StepPlan", "get_method", "LoRALayer", "SDSLayer",
            "OrthogonalLayer", "SDSOptions", "LoRAOptions", "FullOptions", "QuantisedMergeError", "dequantize_bases"]

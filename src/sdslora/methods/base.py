@@ -2,8 +2,9 @@
 
 A method is a subclass of :class:`AdapterLayer` that owns its tensors (named ``lora_*``) and defines
 ``delta_weight()`` (the single source of truth for merge, export and diagnostics) and ``adapter_forward(x)``
-(the adapter path, computed without forming an out x in matrix). Per-optimizer-step duties (re-parameterisation,
-basis refresh) are declared through :meth:`AdapterLayer.on_optimizer_step`; only the Controller calls it.
+(the adapter path, computed without forming an out x in matrix). Layers hold tensor operations only: *when* a method
+acts over training (SDS-LoRA's re-parameterisation, basis refreshes) is its step plan (:mod:`sdslora.methods.plan`),
+which the Controller asks once per optimizer step.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -153,23 +154,10 @@ def init_deferred() -> bool:
     return _DEFERRED_INIT.get()
 
 
-@dataclass
-class StepOutcome:
-    """What a method asks of the Controller after an optimizer step."""
-
-    reset_params: list[nn.Parameter] = field(default_factory=list)  # clear these parameters' optimizer state
-    events: list[dict[str, Any]] = field(default_factory=list)  # logged records (e.g. refresh jumps)
-    # carry these parameters' optimizer state into new coordinates: (param, left, right) means the parameter's
-    # gradient now reads g' = left @ g @ right (left/right None = identity); the Controller maps first moments the
-    # same way and second moments by the element-wise squares, (left∘left) v (right∘right) (see Controller)
-    state_maps: list[tuple[nn.Parameter, torch.Tensor | None, torch.Tensor | None]] = field(default_factory=list)
-
-
 class AdapterLayer(nn.Module):
     """Base class: wraps a frozen ``base_layer``; ``forward = base(x) + adapter_forward(x)``."""
 
     method: ClassVar[str] = ""
-    has_step_duties: ClassVar[bool] = False  # True: on_optimizer_step may reset optimizer state
     needs_init_data: ClassVar[bool] = False  # True: attach() needs init_data and calls init_from_gradient(G)
     # True: the method replaces the frozen base weight (PiSSA: W_res = W0 − s·B0·A0), so "adapter disabled" means the
     # re-based weight, delta_weight() is relative to the ORIGINAL W0 and merge() adds delta_to_base() instead
@@ -251,36 +239,6 @@ class AdapterLayer(nn.Module):
         """Extra PEFT ``adapter_config.json`` fields (equal for every layer, e.g. ``{"use_dora": True}``) and extra
         tensors of this layer (local key -> tensor, e.g. ``{"lora_magnitude_vector": m}``) for ``io.export_peft``."""
         return {}, {}
-
-    @classmethod
-    def requires_total_steps(cls, options: Any) -> bool:
-        """Whether the Controller needs the run's total number of optimizer steps for this method."""
-        return False
-
-    @classmethod
-    def duties_due(cls, t: int, total_steps: int | None, options: Any) -> bool:
-        """Whether :meth:`on_optimizer_step` may change tensors after optimizer step ``t``: only then does the
-        Controller gather FSDP2 shards and sync the ranks. Default: ``has_step_duties`` (always, to be safe)."""
-        return cls.has_step_duties
-
-    @classmethod
-    def on_optimizer_step(
-        cls, layers: list[AdapterLayer], t: int, total_steps: int | None, options: Any
-    ) -> StepOutcome:
-        """Per-step duties after optimizer step ``t`` (1-based). Default: none."""
-        return StepOutcome()
-
-    @classmethod
-    def uses_lr_factor(cls, options: Any) -> bool:
-        """Whether :meth:`lr_factor` can differ from 1 (then the Controller scales the adapter's learning rate)."""
-        return False
-
-    @classmethod
-    def lr_factor(cls, t: int, total_steps: int | None, options: Any) -> float:
-        """Multiplier on the learning rate of the param groups holding the adapter's parameters for optimizer step
-        ``t`` (1-based), applied by the Controller around ``optimizer.step()`` on top of any LR scheduler.
-        Default: 1."""
-        return 1.0
 
     # ---- shared mechanics -------------------------------------------------------------------------------------
     @property

@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..linalg import qr_signfixed, svd_of_product
-from .base import AdapterLayer, StepOutcome
+from .base import AdapterLayer
 from .lora import lora_init
+from .plan import StepOutcome, StepPlan
 
 WARMUP_MODES = ("reparam", "init_phase")
 REFRESH_ALIGNS = ("qr", "procrustes", "preserve")
@@ -217,7 +218,6 @@ class _TwoBlockLinear(torch.autograd.Function):
 class _TwoPhase(AdapterLayer):
     """Shared state of SDS and orthogonal: a LoRA warm-up phase, then a 'decoupled' phase with extra buffers."""
 
-    has_step_duties = True
     layer_kinds = ("linear", "embedding", "conv")
 
     def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any):
@@ -269,96 +269,15 @@ class _TwoPhase(AdapterLayer):
         return self.scale * up.detach().clone(), down.detach().clone()
 
     @classmethod
-    def _refresh_batch(cls, layers: list[Any], rtol: float, align: str = "qr") -> torch.Tensor:
-        """[L, 4] rows (jump, sim_A, sim_B, refreshed) from each layer's own ``_refresh``."""
+    def refresh_batch(cls, layers: list[Any], rtol: float, align: str = "qr") -> torch.Tensor:
+        """[L, 4] rows (jump, sim_A, sim_B, refreshed) from each layer's own ``refresh``."""
         rows = []
         for layer in layers:
-            s = layer._refresh(rtol, align)
+            s = layer.refresh(rtol, align)
             nan = torch.full((), float("nan"))
             rows.append(torch.stack([*(v.float().cpu() for v in s), torch.ones(())]) if s is not None
                         else torch.stack([nan, nan, nan, torch.zeros(())]))
         return torch.stack(rows)
-
-    @classmethod
-    def requires_total_steps(cls, options: SDSOptions) -> bool:
-        return options.refresh_interval() is None
-
-    @classmethod
-    def duties_due(cls, t: int, total_steps: int | None, options: SDSOptions) -> bool:
-        off = options.offset
-        if off and t <= off:
-            return t % options.warmup_steps == 0
-        tm_total = None if total_steps is None else total_steps - off
-        return t - off == options.warmup_steps or refresh_due(t - off, tm_total, options)
-
-    @classmethod
-    def uses_lr_factor(cls, options: SDSOptions) -> bool:
-        return options.lr_scale != 1.0 or options.rewarm_steps() > 0
-
-    @classmethod
-    def lr_factor(cls, t: int, total_steps: int | None, options: SDSOptions) -> float:
-        """``lr_scale`` on every step after the re-parameterisation, times the linear re-warm
-        j/(N+1), j = 1..N, on the N steps right after it (``reparam_state="rewarm:N"``); 1 before it."""
-        tm = t - options.offset
-        if tm <= options.warmup_steps:
-            return 1.0
-        factor = float(options.lr_scale)
-        n = options.rewarm_steps()
-        j = tm - options.warmup_steps
-        if j <= n:
-            factor *= j / (n + 1)
-        return factor
-
-    @classmethod
-    def on_optimizer_step(
-        cls, layers: list[AdapterLayer], t: int, total_steps: int | None, options: SDSOptions
-    ) -> StepOutcome:
-        out = StepOutcome()
-        if not layers:
-            return out
-        off = options.offset
-        if off and t <= off:  # the authors' separate initialisation phase
-            if t % options.warmup_steps == 0:
-                for layer in layers:
-                    layer._reparameterise(reset_to_zero=True)  # type: ignore[attr-defined]
-                    out.reset_params += [layer.lora_A, layer.lora_B]
-                out.events.append({"step": t, "event": "init_phase_reset", "layers": len(layers)})
-            return out
-        tm = t - off
-        tm_total = None if total_steps is None else total_steps - off
-        if tm == options.warmup_steps:
-            carry = options.reparam_state == "carry"
-            carried = 0
-            for layer in layers:
-                maps = layer._reparameterise(reset_to_zero=False, carry=carry)  # type: ignore[attr-defined]
-                if maps is None:
-                    out.reset_params += [layer.lora_A, layer.lora_B]
-                else:
-                    out.state_maps += maps
-                    carried += 1
-            event = {"step": t, "event": "reparameterise", "layers": len(layers)}
-            if carry:
-                event["state_carried"] = carried
-            out.events.append(event)
-        elif refresh_due(tm, tm_total, options):
-            groups: dict[tuple, list[Any]] = {}
-            for layer in layers:  # layers of one shape are refreshed in one batched call
-                key = (layer.in_features, layer.out_features, layer.lora_A.dtype, layer.lora_A.device)
-                groups.setdefault(key, []).append(layer)
-            rows = torch.cat([cls._refresh_batch(g, options.guard_rtol, options.refresh_align).float().cpu()
-                              for g in groups.values()])  # one device sync per group and refresh
-            vals = rows[rows[:, 3] > 0, :3]
-            event: dict[str, Any] = {"step": t, "event": "refresh", "layers": len(vals), "skipped": len(rows) - len(vals)}
-            if len(vals):
-                names = ("jump", "sim_A", "sim_B")
-                for i, n in enumerate(names):
-                    col = vals[:, i]
-                    if torch.isnan(col).all():
-                        continue
-                    event[f"{n}_mean"] = float(col.mean())
-                    event[f"{n}_max" if n == "jump" else f"{n}_min"] = float(col.max() if n == "jump" else col.min())
-            out.events.append(event)
-        return out
 
 
 class SDSLayer(_TwoPhase):
@@ -377,7 +296,7 @@ class SDSLayer(_TwoPhase):
         return self.lora_QB, self.lora_B, self.lora_A, self.lora_QA
 
     @torch.no_grad()
-    def _reparameterise(self, reset_to_zero: bool, carry: bool = False) -> list[Any] | None:
+    def reparameterise(self, reset_to_zero: bool, carry: bool = False) -> list[Any] | None:
         """Warm-up re-parameterisation (docs/algorithm.md). With ``carry`` (from plain LoRA, A and B kept), returns the
         optimizer-state maps into the new coordinates: with Aᵀ = Q_a R_a, B = Q_b R_b, R_b R_aᵀ = U_c Σ V_cᵀ,
         SDS's gradients relate to LoRA's at the current point by ∇A' = U_cᵀ R_b⁻ᵀ ∇A and ∇B' = ∇B R_a⁻¹ V_c
@@ -418,14 +337,14 @@ class SDSLayer(_TwoPhase):
             right_b = torch.linalg.solve_triangular(ra, qa.T @ v, upper=True)  # R_a⁻¹ Q_aᵀ V
             return [(self.lora_A, left_a, None), (self.lora_B, None, right_b)]
 
-    def _refresh(self, rtol: float, align: str = "qr") -> list[torch.Tensor] | None:
-        """Refresh this layer alone (see :meth:`_refresh_batch`): (jump, sim_A, sim_B), or None if skipped."""
-        row = type(self)._refresh_batch([self], rtol, align)[0]
+    def refresh(self, rtol: float, align: str = "qr") -> list[torch.Tensor] | None:
+        """Refresh this layer alone (see :meth:`refresh_batch`): (jump, sim_A, sim_B), or None if skipped."""
+        row = type(self).refresh_batch([self], rtol, align)[0]
         return None if not bool(row[3]) else [row[0], row[1], row[2]]
 
     @classmethod
     @torch.no_grad()
-    def _refresh_batch(cls, layers: list[Any], rtol: float, align: str = "qr") -> torch.Tensor:
+    def refresh_batch(cls, layers: list[Any], rtol: float, align: str = "qr") -> torch.Tensor:
         """Basis refresh (docs/algorithm.md) of layers of identical shape, batched (one QR call per factor for the whole
         group, no host synchronisation). ``align``: "qr" (the paper: sign-fixed QR bases, A and B kept);
         "procrustes": the orthonormal basis of the new span closest to the old basis, Q' = Q_qr·polar(Q_qrᵀ Q_old)
@@ -508,7 +427,7 @@ class OrthogonalLayer(_TwoPhase):
         return self.lora_B, self.lora_offset_B, self.lora_A, self.lora_offset_A
 
     @torch.no_grad()
-    def _reparameterise(self, reset_to_zero: bool, carry: bool = False) -> None:
+    def reparameterise(self, reset_to_zero: bool, carry: bool = False) -> None:
         """Warm-up re-parameterisation; the optimizer state is always reset (``carry`` is SDS-only)."""
         A, B = self.lora_A, self.lora_B
         if self.decoupled:
@@ -527,7 +446,7 @@ class OrthogonalLayer(_TwoPhase):
         self._set_decoupled()
 
     @torch.no_grad()
-    def _refresh(self, rtol: float, align: str = "qr") -> list[torch.Tensor] | None:
+    def refresh(self, rtol: float, align: str = "qr") -> list[torch.Tensor] | None:
         """QR retraction (``align`` is SDS-only: the retraction keeps the span)."""
         qb, db = qr_signfixed(self.lora_B)
         qa, da = qr_signfixed(self.lora_A.T)
@@ -545,3 +464,95 @@ class OrthogonalLayer(_TwoPhase):
         self.lora_A.copy_(qa.T)
         self.lora_B.copy_(qb)
         return [jump, sim_a, sim_b]
+
+
+class SDSPlan(StepPlan):
+    """SDS-LoRA's schedule (and the orthogonal ablation's), counted in optimizer steps t = 1..T: the warm-up
+    re-parameterisation at t = T_w (and, with ``warmup_mode="init_phase"``, the resets of the separate initialisation
+    phase before it), then the basis refreshes of :func:`refresh_due`; the learning-rate factor of ``lr_scale`` /
+    ``reparam_state="rewarm:N"``. The offset of an initialisation phase is subtracted here, once."""
+
+    acts = True
+
+    def __init__(self, options: SDSOptions, total_steps: int | None) -> None:
+        super().__init__(options, total_steps)
+        self.offset = options.offset
+        self.main_total = None if total_steps is None else total_steps - self.offset  # steps after any init phase
+
+    @classmethod
+    def needs_total_steps(cls, options: SDSOptions) -> bool:
+        return options.refresh_interval() is None
+
+    @classmethod
+    def scales_lr(cls, options: SDSOptions) -> bool:
+        return options.lr_scale != 1.0 or options.rewarm_steps() > 0
+
+    def due(self, t: int) -> bool:
+        o = self.options
+        if self.offset and t <= self.offset:
+            return t % o.warmup_steps == 0
+        return t - self.offset == o.warmup_steps or refresh_due(t - self.offset, self.main_total, o)
+
+    def lr_factor(self, t: int) -> float:
+        """``lr_scale`` on every step after the re-parameterisation, times the linear re-warm j/(N+1), j = 1..N, on
+        the N steps right after it (``reparam_state="rewarm:N"``); 1 before it."""
+        o = self.options
+        tm = t - self.offset
+        if tm <= o.warmup_steps:
+            return 1.0
+        factor = float(o.lr_scale)
+        n = o.rewarm_steps()
+        j = tm - o.warmup_steps
+        if j <= n:
+            factor *= j / (n + 1)
+        return factor
+
+    def run(self, layers: list[Any], t: int) -> StepOutcome:
+        out = StepOutcome()
+        o = self.options
+        if not layers:
+            return out
+        if self.offset and t <= self.offset:  # the authors' separate initialisation phase
+            if t % o.warmup_steps == 0:
+                for layer in layers:
+                    layer.reparameterise(reset_to_zero=True)
+                    out.reset_params += [layer.lora_A, layer.lora_B]
+                out.events.append({"step": t, "event": "init_phase_reset", "layers": len(layers)})
+            return out
+        tm = t - self.offset
+        if tm == o.warmup_steps:
+            carry = o.reparam_state == "carry"
+            carried = 0
+            for layer in layers:
+                maps = layer.reparameterise(reset_to_zero=False, carry=carry)
+                if maps is None:
+                    out.reset_params += [layer.lora_A, layer.lora_B]
+                else:
+                    out.state_maps += maps
+                    carried += 1
+            event: dict[str, Any] = {"step": t, "event": "reparameterise", "layers": len(layers)}
+            if carry:
+                event["state_carried"] = carried
+            out.events.append(event)
+        elif refresh_due(tm, self.main_total, o):
+            out.events.append(self._refresh(layers, t))
+        return out
+
+    def _refresh(self, layers: list[Any], t: int) -> dict[str, Any]:
+        o = self.options
+        groups: dict[tuple, list[Any]] = {}
+        for layer in layers:  # layers of one shape are refreshed in one batched call
+            key = (layer.in_features, layer.out_features, layer.lora_A.dtype, layer.lora_A.device)
+            groups.setdefault(key, []).append(layer)
+        rows = torch.cat([type(g[0]).refresh_batch(g, o.guard_rtol, o.refresh_align).float().cpu()
+                          for g in groups.values()])  # one device sync per group and refresh
+        vals = rows[rows[:, 3] > 0, :3]
+        event: dict[str, Any] = {"step": t, "event": "refresh", "layers": len(vals), "skipped": len(rows) - len(vals)}
+        if len(vals):
+            for i, n in enumerate(("jump", "sim_A", "sim_B")):
+                col = vals[:, i]
+                if torch.isnan(col).all():
+                    continue
+                event[f"{n}_mean"] = float(col.mean())
+                event[f"{n}_max" if n == "jump" else f"{n}_min"] = float(col.max() if n == "jump" else col.min())
+        return event
