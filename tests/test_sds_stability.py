@@ -11,7 +11,7 @@ from models import tiny_llama
 from torch import nn
 
 import sdslora
-from sdslora.methods.sds import SDSOptions
+from sdslora.methods.sds import SDSOptions, SDSPlan
 
 IN, OUT, R = 14, 11, 3
 
@@ -190,7 +190,7 @@ def test_lr_factor_rewarm_and_scale_applied_around_the_step():
         assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * (1.0 - 0.01 * t))  # the scheduler's value is intact
     opts = SDSOptions(warmup_steps=2, reparam_state="rewarm:3", lr_scale=0.5)
     expected = [0.1 * (1.0 - 0.01 * (t - 1)) * (1.0 if t <= 2 else 0.5 * min(t - 2, 4) / 4) for t in range(1, 9)]
-    assert ctl.plan.lr_factor(3) == pytest.approx(0.125)
+    assert ctl.plan.lr_factor(3) == pytest.approx(0.125) == SDSPlan(opts, 20).lr_factor(3)
     assert seen == pytest.approx(expected)
 
 

@@ -19,7 +19,7 @@ def _diag(kappa: float, erank: float, cos: float, method: str = "lora", r: int =
     row = {"kappa_A": 1.0, "kappa_B": kappa, "erank_grad_A": erank, "erank_grad_B": erank,
            "erank_scalefree_A": r, "erank_scalefree_B": r}
     return Diagnostics(rows=[row, dict(row)], summary={"cos_g_geff": cos, "cos_geff_gstar": 0.5}, method=method,
-                       rank=r)
+                       rank=r, isotropic=method == "sds")
 
 
 @pytest.mark.parametrize("kappa,word", [(2.99, "well"), (3.0, "moderately"), (9.99, "moderately"), (10.0, "badly")])
@@ -60,7 +60,10 @@ def test_training_state_bytes_by_hand():
     from sdslora.experiments.train import training_state_bytes
 
     for method, width in (("lora", 1), ("sds", 2)):
-        model = sdslora.attach(tiny_llama(), sdslora.AdapterConfig(method=method, r=4))
+        model = sdslora.attach(tiny_llama(), sdslora.AdapterConfig(method=method, r=4, options={"warmup_steps": 1}
+                                                                    if method == "sds" else {}))
+        if method == "sds":  # after the re-parameterisation: the rank-2r path
+            sdslora.Controller(model, torch.optim.SGD(model.trainable_parameters(), lr=0.0), total_steps=4).step()
         got = training_state_bytes(model, tokens_per_step=100)
         layers = model.adapter_layers().values()
         tensors = sum(t.numel() * t.element_size() for layer in layers for t in layer.adapter_tensors().values())

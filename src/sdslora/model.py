@@ -428,8 +428,7 @@ class AdaptedModel(nn.Module):
             else:
                 if layer.merged:
                     layer.unmerge()
-                if layer.rebases_base_weight and getattr(layer, "_rebased", False):
-                    layer.restore_base()  # type: ignore[attr-defined]
+                layer.prepare_unload()
             _set_module(self.model, name, layer.base_layer)
         self._unloaded = True
         self.model.__dict__.pop("_sdslora_adapted", None)

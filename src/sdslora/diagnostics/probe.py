@@ -92,6 +92,7 @@ class Diagnostics:
     events: list[dict[str, Any]] = field(default_factory=list)
     method: str = "full"
     rank: int = 0
+    isotropic: bool = False  # every adapted layer's effective gradient ignores its factors' spectra (SDS-LoRA)
 
 
 def _nan(x: float | None) -> bool:
@@ -136,23 +137,11 @@ def _targets(
 
 def _subspaces(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str] | None:
     """(U, V, label): orthonormal bases of the column and row subspaces used for G*, or None (no factors)."""
-    qa, qb = getattr(layer, "lora_QA", None), getattr(layer, "lora_QB", None)
-    if getattr(layer, "decoupled", False) and isinstance(qa, torch.Tensor) and isinstance(qb, torch.Tensor):
-        return qb.detach(), qa.detach().T, "Q_B,Q_A"  # lora_QA stores Q_Aᵀ [r, in]
-    fac = _factors(layer)
-    if fac is None:
-        return None
-    a, b = fac
-    return orthonormal_basis(b), orthonormal_basis(a.T), "B,A"
+    return layer.gradient_subspaces() if isinstance(layer, AdapterLayer) else None
 
 
 def _factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    a, b = getattr(layer, "lora_A", None), getattr(layer, "lora_B", None)
-    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == 2 and b.dim() == 2):
-        return None
-    if b.shape[1] != a.shape[0]:
-        return None
-    return a.detach(), b.detach()
+    return layer.factors() if isinstance(layer, AdapterLayer) else None
 
 
 def _lowrank_sv(layer: nn.Module) -> torch.Tensor | None:
@@ -391,4 +380,6 @@ def diagnose(
     ctl = getattr(adapted, "_controller", None) if adapted is not None else None
     events = list(getattr(ctl, "events", []) or [])
     r_model = adapted.adapter_config.r if adapted is not None and adapted._layers else rank
-    return Diagnostics(rows=rows, summary=summary, events=events, method=method, rank=r_model)
+    adapter_layers = list(adapted.adapter_layers().values()) if adapted is not None else []
+    isotropic = bool(adapter_layers) and all(layer.isotropic_gradient() for layer in adapter_layers)
+    return Diagnostics(rows=rows, summary=summary, events=events, method=method, rank=r_model, isotropic=isotropic)

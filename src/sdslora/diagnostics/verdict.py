@@ -25,7 +25,7 @@ def verdict(diag: Diagnostics) -> str:
     if kappas:
         med = statistics.median(kappas)
         word = "well" if med < 3 else ("moderately" if med < 10 else "badly")
-        if diag.method == "sds":  # SDS-LoRA's gradients do not depend on the factors' singular values
+        if diag.isotropic:  # SDS-LoRA's gradients do not depend on the factors' singular values
             parts.append(
                 f"factors are {word} conditioned (median κ {med:.3g}; this does not enter SDS-LoRA's "
                 "gradients)"
@@ -41,7 +41,7 @@ def verdict(diag: Diagnostics) -> str:
             v for r in rows for v in (r.get("erank_scalefree_A"), r.get("erank_scalefree_B")) if not _nan(v)
         ]
         extra = (
-            f", {sum(sf) / len(sf):.2g} without the factors' scaling" if sf and diag.method != "sds" else ""
+            f", {sum(sf) / len(sf):.2g} without the factors' scaling" if sf and not diag.isotropic else ""
         )
         parts.append(
             f"effective gradient rank {mean_er:.2g} of {diag.rank}" + (" (low)" if low else "") + extra
@@ -53,11 +53,11 @@ def verdict(diag: Diagnostics) -> str:
         parts.append(f"alignment cos(G, G̃) {cg:.2f} ({word})")
         bad = bad or cg < 0.5
     cs = diag.summary.get("cos_geff_gstar")
-    if cs is not None and diag.method != "full":
+    if cs is not None:
         parts.append(f"use of the current subspaces cos(G̃, G*) {cs:.2f}")
     text = "; ".join(parts) if parts else "no metric could be computed"
-    if diag.method not in ("sds", "full") and kappas and bad:  # a factored (LoRA-family) method
+    if not diag.isotropic and kappas and bad:  # a factored (LoRA-family) method
         text += " — SDS-LoRA removes this scaling (its effective gradient is isotropic within the subspaces)"
-    elif diag.method == "sds" and cs is not None and cs > 0.9:
+    elif diag.isotropic and cs is not None and cs > 0.9:
         text += " — the effective gradient is isotropic within the subspaces, as SDS-LoRA intends"
     return text

@@ -371,8 +371,7 @@ def training_state_bytes(adapted: Any, tokens_per_step: int) -> dict[str, int]:
     for layer in adapted.adapter_layers().values():
         tensors = layer.adapter_tensors()
         adapter += sum(t.numel() * t.element_size() for t in tensors.values())
-        width = 2 * layer.r if layer.method == "sds" else layer.r
-        act += tokens_per_step * width * 4
+        act += tokens_per_step * layer.activation_width() * 4
     trainable = sum(p.numel() * p.element_size() for p in adapted.trainable_parameters())
     return {"adapter_tensors": adapter, "grad_and_adam": 3 * trainable, "adapter_activations": act,
             "total": adapter + 3 * trainable + act}

@@ -226,6 +226,39 @@ class AdapterLayer(nn.Module):
         """Re-derive the layer's Python-side state (e.g. SDS-LoRA's phase flag) from its tensors after they were
         overwritten from outside (a loaded adapter, a rolled-back duty). Default: nothing."""
 
+    # ---- what callers outside methods/ may ask of any layer (no reaching into a method's tensors by name) ----------
+    def isotropic_gradient(self) -> bool:
+        """Whether the layer's effective gradient is currently independent of its factors' spectra (SDS-LoRA after
+        its re-parameterisation: G P_A + P_B G). Default: False."""
+        return False
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The trained factor pair ``(A [k, in], B [out, k])``, detached, for diagnostics; None for methods without
+        one. Default: ``lora_A`` and ``lora_B`` when both are matrices that chain."""
+        a, b = getattr(self, "lora_A", None), getattr(self, "lora_B", None)
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == 2 and b.dim() == 2):
+            return None
+        return (a.detach(), b.detach()) if b.shape[1] == a.shape[0] else None
+
+    def gradient_subspaces(self) -> tuple[torch.Tensor, torch.Tensor, str] | None:
+        """Orthonormal bases ``(U [out, k], V [in, k], label)`` of the column and row subspaces the method's updates
+        live in (diagnostics project the full gradient on them). Default: col(B) and row(A) of :meth:`factors`."""
+        from ..diagnostics.metrics import orthonormal_basis
+
+        fac = self.factors()
+        if fac is None:
+            return None
+        a, b = fac
+        return orthonormal_basis(b), orthonormal_basis(a.T), "B,A"
+
+    def activation_width(self) -> int:
+        """Values per token the adapter path saves for backward (r for a rank-r pair; SDS-LoRA's decoupled path 2r)."""
+        return self.r
+
+    def prepare_unload(self) -> None:
+        """Called by ``AdaptedModel.unload()`` before the plain base module is put back without merging: undo what
+        the layer changed in the base (methods that re-base W0 shift it back). Default: nothing."""
+
     def post_load(self) -> None:
         """Called by ``io.load_adapter`` after the saved tensors and extra state are copied in (layers built inside
         :func:`deferred_init`): re-derive what depends on them (PiSSA re-bases W0). Default: nothing."""

@@ -113,6 +113,10 @@ class RebasedLoRALayer(LoRALayer):
             )
         self._shift_base(-1.0)
 
+    def prepare_unload(self) -> None:
+        if self._rebased and not self.merged:
+            self._shift_base(1.0)
+
     def restore_base(self) -> None:
         """Undo the shift, W0 − s·B0·A0 → W0 (up to rounding), e.g. before unloading without merging.
         Raises RuntimeError if the weight is not shifted or the layer is merged."""

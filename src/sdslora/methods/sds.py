@@ -291,6 +291,17 @@ class SDSLayer(_TwoPhase):
         self.register_buffer("lora_QA", torch.zeros(self.r, self.in_features, dtype=self.adapter_dtype, device=dev))
         self.register_buffer("lora_QB", torch.zeros(self.out_features, self.r, dtype=self.adapter_dtype, device=dev))
 
+    def isotropic_gradient(self) -> bool:  # ∇A = s Q_BᵀG, ∇B = s G Q_A once decoupled: no factor spectra
+        return self.decoupled
+
+    def gradient_subspaces(self) -> tuple[torch.Tensor, torch.Tensor, str] | None:
+        if self.decoupled:  # the bases its gradients are projected on (lora_QA stores Q_Aᵀ)
+            return self.lora_QB.detach(), self.lora_QA.detach().T, "Q_B,Q_A"
+        return super().gradient_subspaces()
+
+    def activation_width(self) -> int:
+        return 2 * self.r if self.decoupled else self.r
+
     def _blocks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         # ΔW = s (Q_B A + B Q_Aᵀ) = s [Q_B | B] [A ; Q_Aᵀ]
         return self.lora_QB, self.lora_B, self.lora_A, self.lora_QA
