@@ -81,7 +81,7 @@ def _train(method: str, kind: str) -> tuple[sdslora.AdaptedModel, list]:
         opt.step()
         opt.zero_grad(set_to_none=True)
         ctl.step()
-    model._controller = None  # each check brings its own optimizer
+    model.controller = None  # each check brings its own optimizer
     return model, list(ctl.events)
 
 

@@ -409,7 +409,7 @@ def test_rank_too_large_for_another_model_names_the_right_cause(tmp_path):
     assert not any(isinstance(m, AdapterLayer) for m in other.modules())
 
 
-LOAD_POINTS = ["read_adapter_meta", "_sha256", "load_file", "_check_layer_meta", "attach", "load_extra_state",
+LOAD_POINTS = ["read_adapter_meta", "_sha256", "load_file", "_check_layer_meta", "attach_layers", "load_extra_state",
                "sync_state", "post_load"]
 
 

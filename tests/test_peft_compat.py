@@ -99,7 +99,7 @@ def test_export_loads_in_peft(tmp_path, kind, method):
     base_out = output_of(BUILD[kind](), batch).detach()
     assert float((ours - base_out).abs().max()) > 1e-3
     if method == "sds":
-        assert [e["step"] for e in model._controller.events if e["event"] == "refresh"] == [12]
+        assert [e["step"] for e in model.controller.events if e["event"] == "refresh"] == [12]
     model.export_peft(tmp_path / "peft")
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     rank = 2 * 4 if method in ("sds", "orthogonal") else 4

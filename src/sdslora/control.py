@@ -111,7 +111,7 @@ class Controller:
         # the method's schedule: what it does over the run's optimizer steps (nothing for most methods)
         self.plan_cls: type[StepPlan] = get_method(cfg.method).plan_cls if self.layers else StepPlan
         needs_t = self.plan_cls.needs_total_steps(self.options)
-        saved = self.model._pending_controller_state
+        saved = self.model.schedule_state
         if total_steps is None and saved and saved.get("total_steps") is not None:
             total_steps = saved["total_steps"]  # resuming a saved run: its T comes with it
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)):
@@ -168,11 +168,11 @@ class Controller:
                 self.optimizer.register_step_post_hook(self._lr_post_hook),
             )
             self._warn_mixed_lr_groups()
-        pending = self.model._pending_controller_state
+        pending = self.model.schedule_state
         if pending:
             self.load_state_dict(pending)
-            self.model._pending_controller_state = None
-        self.model._controller = self
+            self.model.schedule_state = None
+        self.model.controller = self
 
     def step(self, t: int | None = None) -> StepOutcome:
         """Run the duties of optimizer step ``t`` (default: the next one). Returns what was done.

@@ -27,8 +27,7 @@ from . import __version__
 from .config import AdapterConfig
 from .distributed import dist_rank, dtensor_type, gathered_adapter_tensors
 from .linalg import svd_of_product
-from .methods.base import deferred_init
-from .model import AdaptedModel, attach
+from .model import AdaptedModel, attach_layers
 
 FORMAT = "sdslora-adapter"
 FORMAT_VERSION = 1
@@ -220,7 +219,7 @@ def save_adapter(model: AdaptedModel, path: str | Path, *, record_path: bool = F
             for name, layer in model.adapter_layers().items()
         },
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
-        "controller": model._controller.state_dict() if model._controller is not None else None,
+        "controller": model.controller.state_dict() if model.controller is not None else None,
         "base_model": _base_model_info(model.model, record_path),
     }
     if dist_rank() != 0:  # under torch.distributed every rank gathers (FSDP2), rank 0 alone writes
@@ -320,8 +319,8 @@ def load_adapter(base_model: nn.Module, path: str | Path) -> AdaptedModel:
     config = AdapterConfig.from_dict(meta["config"])
     _check_layer_meta(meta, config, path)
     try:
-        with deferred_init():  # the saved tensors replace any initialisation; post_load() below finishes the layers
-            adapted = attach(base_model, config, _exact_targets=list(meta["layers"]), _from_saved=True)
+        # the saved tensors replace any initialisation; post_load() below finishes the layers
+        adapted = attach_layers(base_model, config, targets=list(meta["layers"]), from_saved=True)
     except (ValueError, TypeError) as e:  # e.g. "rank larger than the layer allows": a hint meant for attach()
         raise ValueError(f"the adapter in {path} does not fit this model ({e}); load it on the base model it was "
                          "trained from") from e
@@ -350,7 +349,7 @@ def load_adapter(base_model: nn.Module, path: str | Path) -> AdaptedModel:
     except Exception:
         adapted._rollback()  # leave the user's base model as it was (modules and requires_grad flags)
         raise
-    adapted._pending_controller_state = meta.get("controller")
+    adapted.schedule_state = meta.get("controller")
     return adapted
 
 
@@ -394,7 +393,7 @@ def load_adapter_state(model: AdaptedModel, path: str | Path) -> AdaptedModel:
     for name, layer in model.adapter_layers().items():
         layer.load_extra_state(meta["layers"][name].get("extra", {}))
         layer.sync_state()
-    model._pending_controller_state = meta.get("controller")
+    model.schedule_state = meta.get("controller")
     return model
 
 

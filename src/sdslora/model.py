@@ -101,8 +101,6 @@ def attach(
     *,
     init_data: Iterable[Any] | None = None,
     init_loss: Callable[[nn.Module, Any], torch.Tensor] | None = None,
-    _exact_targets: list[str] | None = None,
-    _from_saved: bool = False,
 ) -> AdaptedModel:
     """Adapt ``model`` in place according to ``config`` and return the :class:`AdaptedModel` wrapper.
 
@@ -118,6 +116,21 @@ def attach(
     ``lora``, ``sds``, ``orthogonal``, ``pissa``; the others adapt linear layers only). A target whose weight is tied
     to another module's warns: merging changes both.
     """
+    return attach_layers(model, config, init_data=init_data, init_loss=init_loss)
+
+
+def attach_layers(
+    model: nn.Module,
+    config: AdapterConfig,
+    *,
+    targets: list[str] | None = None,
+    from_saved: bool = False,
+    init_data: Iterable[Any] | None = None,
+    init_loss: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+) -> AdaptedModel:
+    """:func:`attach` with the two choices a saved adapter makes (``io.load_adapter``): the exact module names it
+    adapts (``targets``, instead of matching ``config.target_modules``), and ``from_saved`` (layers built with
+    ``deferred=True``: no data-driven or weight-dependent initialisation, since the saved tensors replace it)."""
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"attach() takes an AdapterConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
@@ -131,7 +144,7 @@ def attach(
             p.requires_grad_(True)
         return AdaptedModel(model, config, layers)
 
-    targets = find_targets(model, config, _exact_targets)
+    targets = find_targets(model, config, targets)
     param_names: dict[int, list[str]] = {}  # tied weights: one tensor under several names
     for n, p in model.named_parameters(remove_duplicate=False):
         param_names.setdefault(id(p), []).append(n)
@@ -170,14 +183,14 @@ def attach(
                 f"method {config.method!r} re-bases that weight (W0 − s·B0·A0), which would change those modules "
                 f"too; untie the weights or remove {name!r} from target_modules"
             )
-        if tied and not _from_saved:
+        if tied and not from_saved:
             warnings.warn(
                 f"module {name!r} shares its weight with {tied} (tied weights): the adapter changes {name!r} only, "
                 "but merge() / merge_and_unload() add ΔW to the shared weight and so change those modules too",
                 stacklevel=2,
             )
     options = spec.parse_options(config.options)
-    data_init = spec.layer_cls.needs_init_data and not _from_saved  # a saved adapter brings its tensors: no data
+    data_init = spec.layer_cls.needs_init_data and not from_saved  # a saved adapter brings its tensors: no data
     if data_init and init_data is None:
         raise ValueError(
             f"{spec.description.split(',')[0]} (method {config.method!r}) needs init_data: a few batches of "
@@ -190,7 +203,7 @@ def attach(
             raise ValueError(f"modules_to_save={config.modules_to_save} matched no module of the model")
     new = {  # built (and checked) before the gradient pass, swapped in after it
         name: spec.layer_cls(model.get_submodule(name), config.r, config.scale, config.dropout,
-                             config.adapter_dtype, options)
+                             config.adapter_dtype, options, deferred=from_saved)
         for name in targets
     }
     grads: dict[str, torch.Tensor] = {}
@@ -261,8 +274,10 @@ class AdaptedModel(nn.Module):
         self.model = model
         self.adapter_config = config
         self._layers = dict(layers)
-        self._controller: Any = None
-        self._pending_controller_state: dict[str, Any] | None = None
+        # the Controller driving this model (set by it), and the schedule state a loaded adapter brought, which the
+        # next Controller built on the model takes over (step counter, T, events)
+        self.controller: Any = None
+        self.schedule_state: dict[str, Any] | None = None
         self._unloaded = False
         self._grad_flags: dict[int, tuple[nn.Parameter, bool]] = {}  # requires_grad before attach (for rollback)
         # the wrapped model knows its wrapper (weakly): a trainer handed the inner model still finds the adapter

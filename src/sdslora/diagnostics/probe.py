@@ -377,7 +377,7 @@ def diagnose(
     summary["loss"] = loss
     if opt_ok:
         summary["cos_g_geff_opt"] = _mean([r.get("cos_g_geff_opt") for r in rows])
-    ctl = getattr(adapted, "_controller", None) if adapted is not None else None
+    ctl = adapted.controller if adapted is not None else None
     events = list(getattr(ctl, "events", []) or [])
     r_model = adapted.adapter_config.r if adapted is not None and adapted._layers else rank
     adapter_layers = list(adapted.adapter_layers().values()) if adapted is not None else []

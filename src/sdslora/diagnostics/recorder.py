@@ -55,7 +55,7 @@ class DiagnosticsRecorder:
 
     def _new_events(self) -> list[dict[str, Any]]:
         try:
-            ctl = find_adapted_model(self.model)._controller
+            ctl = find_adapted_model(self.model).controller
         except TypeError:
             return []
         events = list(getattr(ctl, "events", []) or [])

@@ -80,8 +80,8 @@ class SDSLoRACallback(LoggingCallback):
             raise ValueError("SDSLoRACallback needs the trainer's model and optimizer at on_train_begin")
         adapted = find_adapted_model(model)
         total = int(state.max_steps) if state.max_steps and state.max_steps > 0 else None
-        saved = adapted._pending_controller_state or {}
-        adapted._pending_controller_state = None  # the Trainer's own state is the source of truth on resume
+        saved = adapted.schedule_state or {}
+        adapted.schedule_state = None  # the Trainer's own state is the source of truth on resume
         self.controller = Controller(adapted, optimizer, total_steps=total)
         self.controller.t = int(state.global_step)
         # a checkpoint's adapter brings the events logged before it (re-parameterisation, refreshes)

@@ -10,9 +10,6 @@ which the Controller asks once per optimizer step.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -134,26 +131,6 @@ def layer_dims(module: nn.Module) -> tuple[int, int]:
     return view.in_features, view.out_features
 
 
-_DEFERRED_INIT: ContextVar[bool] = ContextVar("sdslora_deferred_init", default=False)
-
-
-@contextmanager
-def deferred_init() -> Iterator[None]:
-    """Inside this context, new adapter layers skip weight-dependent initialisation (e.g. PiSSA's SVD and re-basing
-    of W0): their tensors are about to be overwritten by a saved adapter, after which ``post_load()`` runs.
-    ``io.load_adapter`` uses it; a layer reads it with :func:`init_deferred`."""
-    token = _DEFERRED_INIT.set(True)
-    try:
-        yield
-    finally:
-        _DEFERRED_INIT.reset(token)
-
-
-def init_deferred() -> bool:
-    """Whether layers are being built inside :func:`deferred_init` (to be filled from a saved adapter)."""
-    return _DEFERRED_INIT.get()
-
-
 class AdapterLayer(nn.Module):
     """Base class: wraps a frozen ``base_layer``; ``forward = base(x) + adapter_forward(x)``."""
 
@@ -167,8 +144,12 @@ class AdapterLayer(nn.Module):
     # None: the method adapts quantised linears (bitsandbytes 4/8-bit, torchao; see methods.quantised); else why not
     quantised_refusal: ClassVar[str | None] = None
 
-    def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any):
+    def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any,
+                 *, deferred: bool = False):
         super().__init__()
+        # deferred: the layer is about to be filled from a saved adapter (io.load_adapter): skip weight-dependent
+        # initialisation (PiSSA's SVD and re-basing of W0, LoRA-XS's SVD); post_load() finishes it
+        self.deferred = deferred
         self.view = matrix_view(base_layer)
         if self.view.kind not in self.layer_kinds:
             raise TypeError(
@@ -260,8 +241,8 @@ class AdapterLayer(nn.Module):
         the layer changed in the base (methods that re-base W0 shift it back). Default: nothing."""
 
     def post_load(self) -> None:
-        """Called by ``io.load_adapter`` after the saved tensors and extra state are copied in (layers built inside
-        :func:`deferred_init`): re-derive what depends on them (PiSSA re-bases W0). Default: nothing."""
+        """Called by ``io.load_adapter`` after the saved tensors and extra state are copied in (layers built with
+        ``deferred=True``): re-derive what depends on them (PiSSA re-bases W0). Default: nothing."""
 
     def delta_to_base(self) -> torch.Tensor:
         """What ``merge()`` adds to the layer's current base weight, [out, in]: ``delta_weight()``, except for

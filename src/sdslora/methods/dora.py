@@ -40,8 +40,9 @@ class DoRALayer(AdapterLayer):
 
     method = "dora"
 
-    def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any):
-        super().__init__(base_layer, r, scale, dropout, dtype, options)
+    def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any,
+                 *, deferred: bool = False):
+        super().__init__(base_layer, r, scale, dropout, dtype, options, deferred=deferred)
         dev = self.base_weight.device
         self.lora_A = nn.Parameter(kaiming_a(self.r, self.in_features, self.adapter_dtype, dev))
         self.lora_B = nn.Parameter(

@@ -51,8 +51,9 @@ class LoRALayer(AdapterLayer):
     method = "lora"
     layer_kinds = ("linear", "embedding", "conv")
 
-    def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any):
-        super().__init__(base_layer, r, scale, dropout, dtype, options)
+    def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any,
+                 *, deferred: bool = False):
+        super().__init__(base_layer, r, scale, dropout, dtype, options, deferred=deferred)
         a, b = lora_init(self)
         self.lora_A = nn.Parameter(a)
         self.lora_B = nn.Parameter(b)
@@ -83,10 +84,11 @@ class RebasedLoRALayer(LoRALayer):
         "the shifted weight would change the output at initialisation and make the PEFT export inexact"
     )
 
-    def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any):
+    def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any,
+                 *, deferred: bool = False):
         # AdapterLayer's __init__, not LoRALayer's: A and B are set by the subclass's initialisation, and drawing a
         # random A would move the RNG that randomised SVDs (pissa_niter) use
-        AdapterLayer.__init__(self, base_layer, r, scale, dropout, dtype, options)
+        AdapterLayer.__init__(self, base_layer, r, scale, dropout, dtype, options, deferred=deferred)
         kw = {"dtype": self.adapter_dtype, "device": self.base_weight.device}
         self.lora_A = nn.Parameter(torch.zeros(self.r, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, **kw))

@@ -114,8 +114,9 @@ class LoRAGALayer(RebasedLoRALayer):
     needs_init_data = True
     layer_kinds = ("linear",)  # the gradient estimate (init.estimate_gradients) captures linear layers only
 
-    def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any):
-        super().__init__(base_layer, r, scale, dropout, dtype, options)
+    def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any,
+                 *, deferred: bool = False):
+        super().__init__(base_layer, r, scale, dropout, dtype, options, deferred=deferred)
         if 2 * self.r > min(self.in_features, self.out_features):
             raise ValueError(
                 f"LoRA-GA needs 2r <= min(in, out) (r={self.r}, in={self.in_features}, out={self.out_features}); "

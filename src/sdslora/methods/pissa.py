@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import init_deferred
 from .lora import RebasedLoRALayer
 
 
@@ -68,19 +67,20 @@ class PiSSALayer(RebasedLoRALayer):
     """PiSSA layer: LoRA on the residual weight. Buffers ``lora_A0`` [r, in], ``lora_B0`` [out, r] (the initial
     factors); the base layer's weight holds W_res = W0 − s·B0·A0 once initialised.
 
-    Built inside ``deferred_init()`` (``io.load_adapter``) the SVD is skipped and W0 is left untouched until
+    Built with ``deferred=True`` (``io.load_adapter``) the SVD is skipped and W0 is left untouched until
     ``post_load()`` re-bases it with the loaded A0, B0. Raises ValueError for an integer base weight.
     """
 
     method = "pissa"
 
-    def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any):
-        super().__init__(base_layer, r, scale, dropout, dtype, options)
+    def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any,
+                 *, deferred: bool = False):
+        super().__init__(base_layer, r, scale, dropout, dtype, options, deferred=deferred)
         if not self.base_weight.is_floating_point():
             raise ValueError(
                 f"PiSSA needs a floating-point base weight (got {self.base_weight.dtype}); dequantise the model first"
             )
-        if init_deferred():
+        if self.deferred:
             return
         with torch.no_grad():
             a0, b0 = pissa_factors(self._linear_weight(), self.r, self.scale, options.pissa_niter)

@@ -220,8 +220,9 @@ class _TwoPhase(AdapterLayer):
 
     layer_kinds = ("linear", "embedding", "conv")
 
-    def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any):
-        super().__init__(base_layer, r, scale, dropout, dtype, options)
+    def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any,
+                 *, deferred: bool = False):
+        super().__init__(base_layer, r, scale, dropout, dtype, options, deferred=deferred)
         a, b = lora_init(self)
         self.lora_A = nn.Parameter(a)
         self.lora_B = nn.Parameter(b)
@@ -285,8 +286,9 @@ class SDSLayer(_TwoPhase):
 
     method = "sds"
 
-    def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any):
-        super().__init__(base_layer, r, scale, dropout, dtype, options)
+    def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any,
+                 *, deferred: bool = False):
+        super().__init__(base_layer, r, scale, dropout, dtype, options, deferred=deferred)
         dev = self.base_weight.device
         self.register_buffer("lora_QA", torch.zeros(self.r, self.in_features, dtype=self.adapter_dtype, device=dev))
         self.register_buffer("lora_QB", torch.zeros(self.out_features, self.r, dtype=self.adapter_dtype, device=dev))
@@ -423,8 +425,9 @@ class OrthogonalLayer(_TwoPhase):
 
     method = "orthogonal"
 
-    def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any):
-        super().__init__(base_layer, r, scale, dropout, dtype, options)
+    def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any,
+                 *, deferred: bool = False):
+        super().__init__(base_layer, r, scale, dropout, dtype, options, deferred=deferred)
         dev = self.base_weight.device
         self.register_buffer(
             "lora_offset_A", torch.zeros(self.r, self.in_features, dtype=self.adapter_dtype, device=dev)

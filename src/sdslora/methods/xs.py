@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLayer, init_deferred
+from .base import AdapterLayer
 
 SVD_KINDS = ("exact", "lowrank")
 
@@ -95,13 +95,14 @@ class XSLayer(AdapterLayer):
 
     method = "lora_xs"
 
-    def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any):
-        super().__init__(base_layer, r, scale, dropout, dtype, options)
+    def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any,
+                 *, deferred: bool = False):
+        super().__init__(base_layer, r, scale, dropout, dtype, options, deferred=deferred)
         dev, dt = self.base_weight.device, self.adapter_dtype
         self.register_buffer("lora_A", torch.zeros(self.r, self.in_features, dtype=dt, device=dev))
         self.register_buffer("lora_B", torch.zeros(self.out_features, self.r, dtype=dt, device=dev))
         self.lora_R = nn.Parameter(torch.zeros(self.r, self.r, dtype=dt, device=dev))
-        if not init_deferred():  # io.load_adapter: the saved tensors follow, no SVD needed
+        if not self.deferred:  # io.load_adapter: the saved tensors follow, no SVD needed
             self._init_core()
 
     @torch.no_grad()
