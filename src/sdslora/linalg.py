@@ -8,9 +8,15 @@ from __future__ import annotations
 import torch
 
 
-def _f32(x: torch.Tensor) -> torch.Tensor:
-    # float64 stays float64 (tests check identities in double precision); everything else computes in float32
-    return x if x.dtype == torch.float64 else x.float()
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype factorisations and other numerically delicate steps compute in: float32, except that float64 stays
+    float64 (the tests check identities in double precision). The one place this rule is written."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def to_work(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in :func:`work_dtype` (no copy when it already is)."""
+    return x.to(work_dtype(x.dtype))
 
 
 @torch.no_grad()
@@ -21,7 +27,7 @@ def qr_signfixed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     float64 input).
     """
     with torch.autocast(device_type=x.device.type, enabled=False):
-        q, r = torch.linalg.qr(_f32(x), mode="reduced")
+        q, r = torch.linalg.qr(to_work(x), mode="reduced")
         d = torch.diagonal(r, dim1=-2, dim2=-1)
         sign = torch.where(d < 0, -torch.ones_like(d), torch.ones_like(d))
         return q * sign.unsqueeze(-2), d.abs()
@@ -36,8 +42,8 @@ def svd_of_product(left: torch.Tensor, right: torch.Tensor, r: int) -> tuple[tor
     with ``U`` m x r, ``V`` n x r (orthonormal columns), in float32 (float64 for float64 input).
     """
     with torch.autocast(device_type=left.device.type, enabled=False):
-        ql, rl = torch.linalg.qr(_f32(left), mode="reduced")
-        qr_, rr = torch.linalg.qr(_f32(right), mode="reduced")
+        ql, rl = torch.linalg.qr(to_work(left), mode="reduced")
+        qr_, rr = torch.linalg.qr(to_work(right), mode="reduced")
         uc, s, vch = torch.linalg.svd(rl @ rr.T, full_matrices=False)
         u = ql @ uc[:, :r]
         v = qr_ @ vch.T[:, :r]

@@ -28,9 +28,11 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
+from ..linalg import to_work
+
 
 def _f(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float64 else x.float()
+    return to_work(x)
 
 
 @torch.no_grad()

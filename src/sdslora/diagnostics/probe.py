@@ -44,6 +44,7 @@ from torch import nn
 
 from ..batches import batch_loss
 from ..control import find_adapted_model, unwrap_optimizer
+from ..linalg import work_dtype
 from ..methods.base import AdapterLayer, is_conv1d, layer_dims, supported_base
 from ..model import AdaptedModel, _output_embedding_names
 from ..utils import move_to
@@ -358,7 +359,7 @@ def diagnose(
         base = module.base_layer if isinstance(module, AdapterLayer) else module
         n_in, n_out = layer_dims(base)
         w = base.weight
-        dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+        dtype = work_dtype(w.dtype)
         with torch.no_grad():
             g = _form_g(caps[name], n_out, n_in, dtype, base)
             rows.append(_layer_row(name, module, g, grads_by_layer[name], opt, rank))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..batches import batch_loss
+from ..linalg import work_dtype
 from ..methods.base import is_conv1d, supported_base
 from ..utils import move_to
 
@@ -25,7 +26,7 @@ REDUCTIONS = ("mean", "sum")
 
 
 def _acc_dtype(w: torch.Tensor) -> torch.dtype:
-    return torch.float64 if w.dtype == torch.float64 else torch.float32
+    return work_dtype(w.dtype)
 
 
 def _default_loss(model: nn.Module, batch: Any) -> torch.Tensor:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..linalg import work_dtype
 from .base import AdapterLayer
 
 
@@ -100,7 +101,7 @@ class RebasedLoRALayer(LoRALayer):
     def _shift_base(self, sign: float) -> None:
         """W ← W + sign·s·B0·A0, computed in float32 (float64 stays float64) from the stored factors, cast back."""
         w = self.base_weight
-        work = torch.float64 if w.dtype == torch.float64 else torch.float32
+        work = work_dtype(w.dtype)
         with torch.autocast(device_type=w.device.type, enabled=False):
             offset = self.scale * (self.lora_B0.to(work) @ self.lora_A0.to(work))
             w.copy_((w.to(work) + sign * self._to_base_layout(offset)).to(w.dtype))

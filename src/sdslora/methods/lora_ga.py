@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..linalg import work_dtype
 from .lora import RebasedLoRALayer
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr")
@@ -81,7 +82,7 @@ def lora_ga_factors(
         raise ValueError(
             f"LoRA-GA needs 2r <= min(out, in) (r={r}, layer {m}x{n}): lower r or exclude the layer"
         )
-    work = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    work = work_dtype(grad.dtype)
     with torch.autocast(device_type=grad.device.type, enabled=False):
         g = grad.to(work)
         u, sv, v = torch.svd_lowrank(g, q=min(4 * r, m, n), niter=4)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..linalg import to_work
 from .lora import RebasedLoRALayer
 
 
@@ -51,7 +52,7 @@ def pissa_factors(
     principal rank-r part. Computed in float32 (float64 stays float64); raises ValueError for r > min(out, in)."""
     if not 1 <= r <= min(weight.shape):
         raise ValueError(f"PiSSA rank r={r} must be between 1 and min(out, in) = {min(weight.shape)}")
-    w = weight if weight.dtype == torch.float64 else weight.float()
+    w = to_work(weight)
     with torch.autocast(device_type=w.device.type, enabled=False):
         if niter is None:
             u, s, vh = torch.linalg.svd(w, full_matrices=False)

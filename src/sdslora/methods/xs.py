@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..linalg import to_work
 from .base import AdapterLayer
 
 SVD_KINDS = ("exact", "lowrank")
@@ -82,7 +83,7 @@ def truncated_svd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(U_r [rows, r], S_r [r], V_r [cols, r])`` with ``m ≈ U_r diag(S_r) V_rᵀ``, float32 (float64 kept)."""
     with torch.autocast(device_type=m.device.type, enabled=False):
-        x = m if m.dtype == torch.float64 else m.float()
+        x = to_work(m)
         if svd == "exact":
             u, s, vh = torch.linalg.svd(x, full_matrices=False)
             return u[:, :r], s[:r], vh[:r].T
