@@ -7,7 +7,6 @@ method is covered without touching this file (or with one row in ``OPTIONS`` / `
 from __future__ import annotations
 
 import copy
-import inspect
 
 import pytest
 import torch
@@ -33,13 +32,9 @@ def base_method(case_method: str) -> str:
     return case_method.split(":", 1)[0]
 
 
-def attach_supports_init_data() -> bool:
-    return "init_data" in inspect.signature(sdslora.attach).parameters
-
-
 def needs_init_data(method: str) -> bool:
     spec = sdslora.METHODS[base_method(method)]
-    return bool(getattr(spec, "needs_init_data", False) or getattr(spec.layer_cls, "needs_init_data", False))
+    return spec.layer_cls is not None and spec.layer_cls.needs_init_data
 
 
 def rebases_base(method: str) -> bool:
@@ -63,8 +58,6 @@ def _attach(method: str, kind: str, seed: int = 0) -> sdslora.AdaptedModel:
     torch.manual_seed(seed)
     cfg = _config(method, kind)
     if needs_init_data(method):
-        if not attach_supports_init_data():
-            pytest.skip(f"{method} needs init_data, which attach() does not take yet")
         return sdslora.attach(base, cfg, init_data=[batch_for(kind, seed=50), batch_for(kind, seed=51)])
     return sdslora.attach(base, cfg)
 
