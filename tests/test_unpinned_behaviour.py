@@ -86,3 +86,43 @@ def test_attach_never_adapts_a_target_nested_in_another():
     net = nn.Sequential(_Outer(), nn.Linear(8, 8))
     model = sdslora.attach(net, sdslora.AdapterConfig(method="lora", r=2, target_modules=r".*"))
     assert sorted(model.adapter_layers()) == ["0", "1"]  # "0.inner" sits inside the adapted "0"
+
+
+def test_controller_carries_optimizer_state_into_a_grown_parameter():
+    """A plan that replaces a parameter by a larger one (rank growth): the optimizer holds the new one in the old one's
+    place, its moments carried into the old block and zero elsewhere, the step counter kept; the next step then equals
+    Adam's update computed by hand on the grown state."""
+    from sdslora.methods.plan import StepOutcome
+
+    model = sdslora.attach(tiny_llama(), sdslora.AdapterConfig(method="lora", r=4))
+    layer = next(iter(model.adapter_layers().values()))
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=1e-2)
+    ctl = sdslora.Controller(model, opt)
+    for _ in range(2):
+        opt.zero_grad()
+        model(**batch_for("llama")).loss.backward()
+        opt.step()
+    old = layer.lora_A
+    m_old, v_old, step_old = (opt.state[old][k].clone() for k in ("exp_avg", "exp_avg_sq", "step"))
+    new = nn.Parameter(torch.cat([old.detach(), torch.zeros(2, old.shape[1])]))  # rank 4 -> 6 (rows)
+    layer.lora_A = new
+    ctl.replace_parameters(StepOutcome(replaced=[(old, new, (slice(0, 4), slice(None)))]).replaced)
+    assert any(p is new for g in opt.param_groups for p in g["params"])
+    assert not any(p is old for g in opt.param_groups for p in g["params"]) and old not in opt.state
+    st = opt.state[new]
+    assert torch.equal(st["exp_avg"][:4], m_old) and torch.equal(st["exp_avg_sq"][:4], v_old)
+    assert not st["exp_avg"][4:].any() and not st["exp_avg_sq"][4:].any() and torch.equal(st["step"], step_old)
+    g = torch.randn_like(new)
+    new.grad = g.clone()
+    before = new.detach().clone()
+    m = 0.9 * st["exp_avg"] + 0.1 * g
+    v = 0.999 * st["exp_avg_sq"] + 0.001 * g * g
+    t = float(step_old) + 1
+    expected = before - 1e-2 * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
+    for p in model.trainable_parameters():
+        if p is not new:
+            p.grad = None
+    opt.step()
+    assert torch.allclose(new.detach(), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="does not hold the replaced parameter"):
+        ctl.replace_parameters([(old, new, None)])

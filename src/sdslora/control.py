@@ -220,6 +220,8 @@ class Controller:
                 raise
             del snapshot
         self.t = new_t
+        if out.replaced:
+            self.replace_parameters(out.replaced)
         if out.reset_params:
             self.reset_optimizer_state([alias.get(id(p), p) for p in out.reset_params])
         if out.state_maps:
@@ -346,6 +348,35 @@ class Controller:
                 )
             self._sync_checked = True
         return True
+
+    def replace_parameters(self, pairs: list[tuple[nn.Parameter, nn.Parameter, tuple[slice, ...] | None]]) -> None:
+        """Put ``new`` in the optimizer where ``old`` was (same param group, same position) and carry old's
+        per-element state (moments) into ``new[where]``, zeros elsewhere; scalar state (the step counter) is kept.
+        ``where=None`` drops old's state (it re-initialises lazily). For plans that change a parameter's shape (rank
+        growth); not under FSDP2 sharding."""
+        if self.optimizer is None:
+            return
+        for old, new, where in pairs:
+            found = False
+            for group in self.optimizer.param_groups:
+                for i, p in enumerate(group["params"]):
+                    if p is old:
+                        group["params"][i] = new
+                        found = True
+            if not found:
+                raise ValueError("replace_parameters(): the optimizer does not hold the replaced parameter")
+            state = self.optimizer.state.pop(old, None)
+            if not state or where is None:
+                continue
+            carried: dict[str, Any] = {}
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and v.shape == old.shape and v.dim() > 0:
+                    nv = torch.zeros(new.shape, dtype=v.dtype, device=v.device)
+                    nv[where] = v
+                    carried[k] = nv
+                else:
+                    carried[k] = v
+            self.optimizer.state[new] = carried
 
     def reset_optimizer_state(self, params: list[nn.Parameter]) -> None:
         """Forget the optimizer state (moments and step counters) of ``params``; they re-initialise lazily."""

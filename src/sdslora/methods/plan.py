@@ -27,6 +27,10 @@ class StepOutcome:
     # gradient now reads g' = left @ g @ right (left/right None = identity); the Controller maps first moments the
     # same way and second moments by the element-wise squares, (left∘left) v (right∘right) (see Controller)
     state_maps: list[tuple[nn.Parameter, torch.Tensor | None, torch.Tensor | None]] = field(default_factory=list)
+    # parameters the duty replaced by new ones, possibly of another shape (rank growth): (old, new, where) means the
+    # layer now holds ``new``; the optimizer holds ``new`` in old's place, and old's per-element state is carried into
+    # ``new[where]`` with zeros elsewhere (``where=None``: the state starts afresh); step counters are kept
+    replaced: list[tuple[nn.Parameter, nn.Parameter, tuple[slice, ...] | None]] = field(default_factory=list)
 
 
 class StepPlan:
