@@ -348,11 +348,8 @@ def _build_optimizer(adapted: Any, cfg: RunConfig) -> Any:
     scales_lr = spec.layer_cls is not None and spec.plan_cls.scales_lr(adapted.adapter_config.method_options())
     if cfg.optimizer == "adamw" and not scales_lr:
         return None
-    try:
-        from ..optim import build_optimizer  # type: ignore[attr-defined]
-    except ImportError as e:
-        raise ValueError(f"optimizer {cfg.optimizer!r} needs sdslora.optim, which is not available ({e}); use "
-                         "--optimizer adamw") from e
+    from ..optim import build_optimizer
+
     return build_optimizer(adapted, cfg.optimizer, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                            **cfg.optimizer_options)
 
