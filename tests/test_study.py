@@ -318,3 +318,15 @@ def test_full_fine_tuning_runs_once_per_seed_under_the_base_rank():
     grid = cc.grid()
     assert [g for g in grid if g[0] == "full"] == [("full", 8, 0), ("full", 8, 1)]  # the same runs for any ranks
     assert [g for g in grid if g[0] == "lora"] == [("lora", 1, 0), ("lora", 32, 0), ("lora", 1, 1), ("lora", 32, 1)]
+
+
+def test_records_made_before_a_runconfig_field_existed_still_match():
+    """A study resumes across versions: a record (or setting) saved before RunConfig grew a field reads that field
+    at its default, so it is not taken for a different run."""
+    from sdslora.experiments.train import RunConfig, with_defaults
+
+    now = RunConfig(model="minilm-l6", task="mrpc").to_dict()
+    old = {k: v for k, v in now.items() if k != "adapter_dtype"}
+    assert with_defaults(old, now) == now
+    changed = dict(old, adapter_dtype="base")
+    assert with_defaults(changed, now) != now  # a value that was set is kept

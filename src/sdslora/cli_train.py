@@ -10,7 +10,7 @@ from .config import parse_value
 
 # flag -> RunConfig field, for flags whose value is stored as given
 _FIELDS = ("model", "task", "train_file", "eval_file", "format", "data_dir", "method", "r", "alpha", "scaling",
-           "dropout", "optimizer", "lr", "steps", "epochs", "batch_size", "grad_accum", "seed", "precision",
+           "dropout", "adapter_dtype", "optimizer", "lr", "steps", "epochs", "batch_size", "grad_accum", "seed", "precision",
            "scheduler", "warmup_ratio", "weight_decay", "max_length", "diagnostics_every", "eval_every", "train_limit",
            "eval_limit", "eval_mode", "max_new_tokens", "eval_batch_size")
 
@@ -59,6 +59,8 @@ def add_run_arguments(p: argparse.ArgumentParser, *, grid: bool = False) -> None
     a.add_argument("--modules-to-save", help="comma-separated modules trained in full (default: the "
                                              "classification head)")
     a.add_argument("--dropout", type=float)
+    a.add_argument("--adapter-dtype", choices=["float32", "base"],
+                   help="adapter tensors in float32 whatever the base dtype (default), or in the base's dtype")
     a.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option (repeatable)")
     t = p.add_argument_group("training")
     t.add_argument("--optimizer", help="adamw (default), loraplus, scaled_adamw, lora_pro, altlora")

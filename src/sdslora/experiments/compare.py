@@ -40,7 +40,7 @@ import torch
 
 from ..config import parse_value
 from ..methods import get_method
-from .train import RunConfig, RunDirError, prepare_data, run_train, versions, write_json
+from .train import RunConfig, RunDirError, prepare_data, run_train, versions, with_defaults, write_json
 
 DEMO_STEPS = 240
 DEMO_LRS = {"lora": 1e-3, "sds": 1e-3, "full": 1e-4}
@@ -374,9 +374,9 @@ class _Runner:
         except json.JSONDecodeError as e:
             raise RunDirError(f"evidence file {f} is not valid JSON ({e}); delete it to re-run that run") from e
         want = json.loads(json.dumps(cfg.to_dict()))
-        if saved.get("config") != want:
-            diff = sorted(k for k in set(want) | set(saved.get("config") or {})
-                          if (saved.get("config") or {}).get(k) != want.get(k))
+        got = with_defaults(saved.get("config") or {}, want)  # fields added since it was recorded: their defaults
+        if got != want:
+            diff = sorted(k for k in set(want) | set(got) if got.get(k) != want.get(k))
             raise RunDirError(f"evidence folder {self.evidence} holds run {name} with a different config (fields "
                               f"that differ: {diff[:8]}); use another --evidence folder for a different study")
         return saved
@@ -403,6 +403,8 @@ class _Runner:
         if f.is_file():
             old = json.loads(f.read_text())
             keep = ("base", "options", "val_fraction", "val_max", "val_seed", "task", "n_train", "n_val", "n_eval")
+            if isinstance(old.get("base"), dict):  # fields added since it was written: their defaults
+                old["base"] = with_defaults(old["base"], setting["base"])
             diff = [k for k in keep if json.dumps(old.get(k), sort_keys=True) != json.dumps(setting[k], sort_keys=True)]
             if diff:
                 raise RunDirError(f"evidence folder {self.evidence} holds a study with different settings ({diff}); "

@@ -65,7 +65,7 @@ class RunConfig:
         task: a registered task name (``sdslora.tasks.TASKS``), or None with ``train_file``/``eval_file`` and
             ``format`` (``sdslora.tasks.FILE_FORMATS``).
         data_dir: the local data folder (default: ``$SDSLORA_DATA_DIR``; MRPC falls back to the subset shipped in the package).
-        method, options, r, alpha, scaling, targets, exclude, modules_to_save, dropout: the adapter
+        method, options, r, alpha, scaling, targets, exclude, modules_to_save, dropout, adapter_dtype: the adapter
             (:class:`~sdslora.config.AdapterConfig`); ``modules_to_save=None`` trains the classification head
             (``classifier`` / ``score``) of classification models, nothing extra for generation.
         optimizer: ``"adamw"`` (torch AdamW via the Trainer) or a name known to ``sdslora.optim.build_optimizer``
@@ -97,6 +97,7 @@ class RunConfig:
     exclude: list[str] | None = None
     modules_to_save: list[str] | None = None
     dropout: float = 0.0
+    adapter_dtype: str = "float32"
     optimizer: str = "adamw"
     optimizer_options: dict[str, Any] = field(default_factory=dict)
     lr: float | None = None
@@ -175,7 +176,7 @@ class RunConfig:
         return AdapterConfig(method=self.method, r=self.r, alpha=self.alpha, scaling=self.scaling,
                              target_modules=self.targets, exclude_modules=self.exclude,
                              modules_to_save=modules_to_save if modules_to_save is not None else self.modules_to_save,
-                             dropout=self.dropout, options=dict(self.options))
+                             dropout=self.dropout, adapter_dtype=self.adapter_dtype, options=dict(self.options))
 
     def get_task(self) -> Task:
         if self.task is not None:
@@ -251,7 +252,7 @@ def run_state(out: Path, config: dict[str, Any]) -> str:
             except (json.JSONDecodeError, AttributeError):
                 saved = None
             if isinstance(saved, dict):  # a field added since that run was saved counts as its default value
-                saved = {**{k: _field_default(k) for k in config if k not in saved}, **saved}
+                saved = with_defaults(saved, config)
             if saved != json_safe(config):
                 diff = sorted(k for k in set(config) | set(saved or {}) if (saved or {}).get(k) != config.get(k))
                 raise RunDirError(
@@ -291,6 +292,12 @@ def _keep_records(path: Path, last_step: int) -> list[dict[str, Any]]:
                 kept.append(rec)
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     return kept
+
+
+def with_defaults(saved: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """A config saved before a field existed, read with that field at its default (records stay valid when
+    :class:`RunConfig` grows a field)."""
+    return {**{k: _field_default(k) for k in config if k not in saved}, **saved}
 
 
 def _field_default(name: str) -> Any:
