@@ -111,16 +111,6 @@ def test_controller_optimizer_must_hold_adapter():
 
 
 # ---- loading -----------------------------------------------------------------------------------------------------
-@pytest.fixture
-def saved(tmp_path):
-    model = sdslora.attach(tiny_llama(), _cfg())
-    with torch.no_grad():
-        for layer in model.adapter_layers().values():
-            layer.lora_B.normal_()
-    model.save_adapter(tmp_path / "ad")
-    return tmp_path / "ad", output_of(model, batch_for("llama")).detach()
-
-
 def test_load_into_other_shapes(saved):
     path, _ = saved
     cfg = tiny_llama().config

@@ -209,16 +209,6 @@ def test_failed_attach_midway_restores_modules_and_flags(monkeypatch):
     assert _same_state(base, before)
 
 
-@pytest.fixture
-def saved(tmp_path):
-    model = sdslora.attach(tiny_llama(), _cfg())
-    with torch.no_grad():
-        for layer in model.adapter_layers().values():
-            layer.lora_B.normal_()
-    model.save_adapter(tmp_path / "ad")
-    return tmp_path / "ad", output_of(model, batch_for("llama")).detach()
-
-
 def _edit(path, fn) -> None:
     meta = json.loads((path / sio.CONFIG_NAME).read_text())
     fn(meta)
