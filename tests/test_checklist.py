@@ -16,7 +16,13 @@ import sdslora
 from sdslora.methods.base import AdapterLayer
 
 # per-method AdapterConfig options for these tests (a row here is the most a new method should need)
-OPTIONS: dict[str, dict] = {}
+OPTIONS: dict[str, dict] = {
+    "relora": {"restart_every": 5, "restart_warmup": 2},  # restarts after steps 5 and 10
+    # SDS cycles of 7 steps: re-parameterise after local step 2, refresh after 4 and 6, restart after 7
+    "relora_sds": {"restart_every": 7, "warmup_steps": 2, "refresh": "every:2", "restart_warmup": 1},
+    "lora_grow": {"grow_steps": "4,8"},  # rank 4 -> 6 -> 8
+    "sds_grow": {"grow_steps": "5,11"},  # grows in the warm-up and decoupled (re-param. 10, refresh 12)
+}
 # fallback for methods whose layer class does not say whether it re-bases the frozen weight
 REBASES = {"pissa": True, "lora_ga": True}
 TOTAL = 30  # Controller total_steps: re-parameterisation after step 10, refresh after 12, not after 11
@@ -157,6 +163,12 @@ def test_gradients_exactly_on_trainable_tensors(case):
         expected |= {n for n, _ in model.model.named_parameters() if n.startswith("classifier.")}
     if sdslora.METHODS[base_method(method)].layer_cls is None:
         expected = {n for n, _ in model.model.named_parameters()}
+    # a tensor shared by several layers (LoTR's U, V) is listed once, under the first name it has in the model
+    first: dict[int, str] = {}
+    for n, p in model.model.named_parameters(remove_duplicate=False):
+        first.setdefault(id(p), n)
+    canonical = {n: first[id(p)] for n, p in model.model.named_parameters(remove_duplicate=False)}
+    expected = {canonical[n] for n in expected}
     trainable = {n for n, _ in model.named_trainable_parameters()}
     assert trainable == expected
     model(**batch_for(kind, seed=7)).loss.backward()

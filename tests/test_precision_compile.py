@@ -28,6 +28,7 @@ SDS_OPTS = {
     "refresh": "every:1",
 }  # re-parameterisation after step 2, refresh after every later
 STEPS = 4
+RESTART_OPTS = {"restart_every": 3, "restart_warmup": 1}  # relora / relora_sds: a restart after step 3
 
 
 @pytest.fixture(autouse=True)
@@ -125,7 +126,7 @@ def test_bf16_weights_train_and_export_dtype(
 def _build(method: str) -> sdslora.AdaptedModel:
     spec = sdslora.METHODS[method]
     fields = {f.name for f in dataclasses.fields(spec.options_cls)}
-    options = {k: v for k, v in SDS_OPTS.items() if k in fields}
+    options = {k: v for k, v in {**SDS_OPTS, **RESTART_OPTS}.items() if k in fields}
     torch.manual_seed(0)
     base = tiny_llama()
     base.train()

@@ -22,13 +22,21 @@ def tok(tmp_path_factory):
     return tiny_tokenizer(tmp_path_factory.mktemp("tok"), causal=True)
 
 
+SHORT_RUN_OPTIONS = {
+    "sds": {"warmup_steps": 2},
+    "orthogonal": {"warmup_steps": 2},
+    "relora": {"restart_every": 2, "restart_warmup": 1},
+    "relora_sds": {"restart_every": 3, "warmup_steps": 1, "restart_warmup": 1},
+}
+
+
 def _model(tok, method: str = "sds", **cfg):
     base = tiny_llama()
     base.resize_token_embeddings(len(tok))
     base.config.pad_token_id = tok.pad_token_id
     cfg.setdefault("r", 4)
-    if method in ("sds", "orthogonal"):
-        cfg.setdefault("options", {"warmup_steps": 2})
+    if method in SHORT_RUN_OPTIONS:  # duties within the 4-5 steps of these runs
+        cfg.setdefault("options", SHORT_RUN_OPTIONS[method])
     init = None
     if METHODS[method].layer_cls is not None and METHODS[method].layer_cls.needs_init_data:
         ids = tok(["the movie was good"] * 4, return_tensors="pt")["input_ids"]

@@ -196,15 +196,23 @@ class Controller:
         if not self.plan.due(new_t):
             self.t = new_t
             return StepOutcome()
-        with gathered_adapter_tensors(self.layers, broadcast=self._sync_now()) as alias:
+        broadcast = self._sync_now()
+        with gathered_adapter_tensors(self.layers, broadcast=broadcast) as alias:
             # inside the block the layers hold full (gathered) tensors; raising here skips the write-back into
             # FSDP2 shards, and the snapshot below restores unsharded tensors, so a failed duty changes nothing
             self._check_finite(new_t, "before")
             snapshot = [(t_, t_.detach().clone()) for layer in self.layers for t_ in layer.adapter_tensors().values()]
+            # the tensor objects and ranks too: a duty may replace parameters by new ones (rank growth) and then fail
+            held = [(layer, dict(layer.adapter_tensors()), layer.r) for layer in self.layers]
             try:
                 out = self.plan.run(self.layers, new_t)
                 self._check_finite(new_t, "after")
             except Exception as e:
+                for layer, tensors, r in held:
+                    for name, obj in tensors.items():
+                        if getattr(layer, name) is not obj:
+                            setattr(layer, name, obj)
+                    layer.r = r
                 with torch.no_grad():
                     for dst, src in snapshot:
                         dst.copy_(src)
@@ -219,11 +227,16 @@ class Controller:
                     ) from e
                 raise
             del snapshot
+        if broadcast:  # state derived from the broadcast tensors (phase flags, a re-based weight) follows them
+            for layer in self.layers:
+                layer.sync_state()
         self.t = new_t
         if out.replaced:
             self.replace_parameters(out.replaced)
         if out.reset_params:
             self.reset_optimizer_state([alias.get(id(p), p) for p in out.reset_params])
+        if out.prune_params:
+            self.prune_optimizer_state([(alias.get(id(p), p), share) for p, share in out.prune_params])
         if out.state_maps:
             self.map_optimizer_state([(alias.get(id(p), p), left, right) for p, left, right in out.state_maps])
         self.events.extend(out.events)
@@ -377,6 +390,37 @@ class Controller:
                 else:
                     carried[k] = v
             self.optimizer.state[new] = carried
+
+    def prune_optimizer_state(self, pairs: list[tuple[nn.Parameter, float]]) -> None:
+        """Zero the share ``p`` of the entries of each parameter's moments (ReLoRA's partial optimizer reset): the
+        entries with the smallest second moment, in the first and second moments alike; step counters are kept.
+        State this Controller does not
+        know (another optimizer's tensors of the parameter's shape) or sharded state is cleared instead."""
+        if self.optimizer is None:
+            return
+        dtensor = dtensor_type()
+        known = (*self.FIRST_MOMENTS, *self.SECOND_MOMENTS)
+        with torch.no_grad():
+            for p, share in pairs:
+                st = self.optimizer.state.get(p)
+                if not st:
+                    continue
+                unknown = [k for k, v in st.items() if torch.is_tensor(v) and v.shape == p.shape and k not in known]
+                if unknown or (dtensor is not None and any(isinstance(v, dtensor) for v in st.values())):
+                    self.optimizer.state.pop(p, None)
+                    continue
+                moments = [st[k] for k in known if torch.is_tensor(st.get(k)) and st[k].numel() > 0]
+                if not moments:
+                    continue
+                # one mask for all moments of the parameter, by the second moment's magnitude where there is one: a
+                # first moment kept without its second moment would be divided by ~eps (an exploding step)
+                ranked = next((st[k] for k in self.SECOND_MOMENTS if torch.is_tensor(st.get(k))), moments[0])
+                keep = ranked.numel() - int(round(share * ranked.numel()))
+                mask = torch.zeros(ranked.numel(), dtype=torch.bool, device=ranked.device)
+                if keep > 0:
+                    mask[ranked.reshape(-1).abs().topk(keep).indices] = True
+                for v in moments:
+                    v.view(-1).masked_fill_(~mask, 0)
 
     def reset_optimizer_state(self, params: list[nn.Parameter]) -> None:
         """Forget the optimizer state (moments and step counters) of ``params``; they re-initialise lazily."""

@@ -27,6 +27,7 @@ from . import __version__
 from .config import AdapterConfig
 from .distributed import dist_rank, dtensor_type, gathered_adapter_tensors
 from .linalg import svd_of_product
+from .methods import get_method
 from .model import AdaptedModel, attach_layers
 
 FORMAT = "sdslora-adapter"
@@ -262,6 +263,7 @@ def read_adapter_meta(path: str | Path) -> dict[str, Any]:
 def _check_layer_meta(meta: dict[str, Any], config: AdapterConfig, path: Path) -> None:
     """The per-layer records must agree with the config (an edited JSON must not load with other numbers)."""
     cfg_file = path / CONFIG_NAME
+    lo, hi = _rank_bounds(config)
     for name, rec in meta["layers"].items():
         if not isinstance(rec, dict):
             raise ValueError(f"{cfg_file} is corrupt: the record of layer {name!r} is not a mapping")
@@ -270,7 +272,15 @@ def _check_layer_meta(meta: dict[str, Any], config: AdapterConfig, path: Path) -
                 f"{cfg_file} is inconsistent: layer {name!r} was saved by method {rec['method']!r} but the config "
                 f"says {config.method!r} (was the file edited?); save the adapter again"
             )
-        if "r" in rec and rec["r"] != config.r:
+        # a method whose rank grows in training is saved at a rank in [r, grow_to]
+        grows = (lo, hi) != (config.r, config.r)
+        if "r" in rec and grows and not (type(rec["r"]) is int and lo <= rec["r"] <= hi):
+            raise ValueError(
+                f"{cfg_file} is inconsistent: layer {name!r} was saved at rank {rec['r']!r} but method "
+                f"{config.method!r} with r={config.r} holds ranks {lo} to {hi} (was the file edited?); save the "
+                "adapter again"
+            )
+        if "r" in rec and not grows and rec["r"] != config.r:
             raise ValueError(
                 f"{cfg_file} is inconsistent: layer {name!r} was saved at rank {rec['r']} but the config says "
                 f"r={config.r} (was the file edited?); save the adapter again"
@@ -281,6 +291,34 @@ def _check_layer_meta(meta: dict[str, Any], config: AdapterConfig, path: Path) -
                 f"(alpha={config.alpha}, r={config.r}, scaling={config.scaling!r}) gives {config.scale:.6g}; the "
                 "outputs would differ from the trained model. Was the file edited? Save the adapter again"
             )
+
+
+def _rank_bounds(config: AdapterConfig) -> tuple[int, int]:
+    """The ranks a layer of ``config`` may have been saved at: [r, r] except for a method whose rank grows during
+    training (its layer class's ``rank_bounds``: [r, grow_to])."""
+    spec = get_method(config.method)
+    bounds = getattr(spec.layer_cls, "rank_bounds", None)
+    return bounds(config.r, config.method_options()) if bounds is not None else (config.r, config.r)
+
+
+def _resize_to_saved(layers: dict[str, Any], meta: dict[str, Any]) -> list[tuple[Any, int, dict[str, Any]]]:
+    """Give each layer of a method whose rank grows (``resize_rank``) the rank it was saved at (zero-filled; the
+    saved tensors are copied in next). Returns what :func:`_undo_resize` needs to put the previous tensors back."""
+    done = []
+    for name, layer in layers.items():
+        saved_r = meta["layers"].get(name, {}).get("r")
+        resize = getattr(layer, "resize_rank", None)
+        if resize is not None and type(saved_r) is int and saved_r != layer.r:
+            done.append((layer, layer.r, dict(layer.adapter_tensors())))
+            resize(saved_r)
+    return done
+
+
+def _undo_resize(resized: list[tuple[Any, int, dict[str, Any]]]) -> None:
+    for layer, r, tensors in resized:  # the very tensors (parameters, buffers) the layer held before
+        for t_name, t in tensors.items():
+            setattr(layer, t_name, t)
+        layer.r = r
 
 
 def load_adapter(base_model: nn.Module, path: str | Path) -> AdaptedModel:
@@ -325,6 +363,8 @@ def load_adapter(base_model: nn.Module, path: str | Path) -> AdaptedModel:
         raise ValueError(f"the adapter in {path} does not fit this model ({e}); load it on the base model it was "
                          "trained from") from e
     try:
+        # a grown adapter: the layers were built at rank r, they take the saved ranks
+        _resize_to_saved(adapted.adapter_layers(), meta)
         own = adapted.adapter_state_dict()
         wrong = [
             f"{k}: saved {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
@@ -384,8 +424,11 @@ def load_adapter_state(model: AdaptedModel, path: str | Path) -> AdaptedModel:
     digest = meta.get("weights_sha256")
     if isinstance(digest, str) and _sha256(weights) != digest:
         raise ValueError(f"{weights} is not the file {CONFIG_NAME} was saved with (its SHA-256 differs)")
+    # a grown adapter: the layers take the saved ranks (new parameters: resume before building the optimizer)
+    resized = _resize_to_saved(model.adapter_layers(), meta)
     own = model.adapter_state_dict()
     if sorted(own) != sorted(tensors) or any(tuple(own[k].shape) != tuple(tensors[k].shape) for k in own):
+        _undo_resize(resized)  # the model is left as it was
         raise ValueError(f"the tensors in {weights} do not match this model's adapter (names or shapes)")
     with torch.no_grad():
         for k, t in own.items():

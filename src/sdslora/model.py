@@ -220,6 +220,7 @@ def attach_layers(
                 layer.init_from_gradient(grads.pop(name))
             _set_module(model, name, layer)
             layers[name] = layer
+        spec.layer_cls.tie_layers(new)  # what the method shares across layers (LoTR's U, V), once all exist
         for n in roots:
             for p in model.get_submodule(n).parameters():
                 p.requires_grad_(True)
@@ -343,8 +344,9 @@ class AdaptedModel(nn.Module):
         return [p for _, p in self.named_trainable_parameters()]
 
     def adapter_parameters(self) -> list[nn.Parameter]:
-        """The adapter layers' own parameters (factors, DoRA's magnitude, ...), without ``modules_to_save``."""
-        return [p for layer in self._layers.values() for p in layer.parameters(recurse=False)]
+        """The adapter layers' own parameters (factors, DoRA's magnitude, ...), without ``modules_to_save``; a
+        tensor shared by several layers (LoTR's U, V) once."""
+        return list({id(p): p for layer in self._layers.values() for p in layer.parameters(recurse=False)}.values())
 
     def trainable_param_groups(self, adapter: dict[str, Any] | None = None,
                                other: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -378,7 +380,7 @@ class AdaptedModel(nn.Module):
             seen.add(id(p))
             total += p.numel()
             trainable += p.numel() if p.requires_grad else 0
-        adapter = sum(p.numel() for layer in self._layers.values() for p in layer.parameters(recurse=False))
+        adapter = sum(p.numel() for p in self.adapter_parameters())  # shared tensors once
         return {
             "method": self.method,
             "trainable": trainable,

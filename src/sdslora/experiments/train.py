@@ -372,9 +372,11 @@ def training_state_bytes(adapted: Any, tokens_per_step: int) -> dict[str, int]:
     """
     adapter = 0
     act = 0
+    seen: set[int] = set()  # a tensor shared by several layers (LoTR's U, V) once
     for layer in adapted.adapter_layers().values():
-        tensors = layer.adapter_tensors()
-        adapter += sum(t.numel() * t.element_size() for t in tensors.values())
+        tensors = [t for t in layer.adapter_tensors().values() if id(t) not in seen]
+        seen.update(id(t) for t in tensors)
+        adapter += sum(t.numel() * t.element_size() for t in tensors)
         act += tokens_per_step * layer.activation_width() * 4
     trainable = sum(p.numel() * p.element_size() for p in adapted.trainable_parameters())
     return {"adapter_tensors": adapter, "grad_and_adam": 3 * trainable, "adapter_activations": act,

@@ -13,12 +13,15 @@ from typing import Any
 from ..config import check_field_types
 from .base import AdapterLayer
 from .dora import DoRALayer, DoRAOptions
+from .grow import GrowLoRALayer, GrowOptions, GrowPlan, GrowSDSLayer, SDSGrowOptions, SDSGrowPlan
 from .lora import LoRALayer, LoRAOptions
 from .lora_ga import LoRAGALayer, LoRAGAOptions
 from .pissa import PiSSALayer, PiSSAOptions
 from .plan import StepOutcome, StepPlan
 from .quantised import QuantisedMergeError, dequantize_bases
+from .restart import ReLoRALayer, ReLoRAOptions, ReLoRAPlan, ReLoRASDSLayer, ReLoRASDSOptions, ReLoRASDSPlan
 from .sds import OrthogonalLayer, SDSLayer, SDSOptions, SDSPlan
+from .shared import LoTRLayer, LoTROptions
 from .xs import SBLayer, SBOptions, XSLayer, XSOptions
 
 
@@ -82,6 +85,32 @@ METHODS: dict[str, MethodSpec] = {
     "dora": MethodSpec(
         "dora", DoRALayer, DoRAOptions, "DoRA, W' = m ⊙ (W0 + s·B·A)/‖W0 + s·B·A‖_c (norm detached), trainable m",
         "Liu et al. 2024, arXiv 2402.09353",
+    ),
+    "relora": MethodSpec(
+        "relora", ReLoRALayer, ReLoRAOptions,
+        "ReLoRA over LoRA: every N steps merge ΔW into the frozen weight and restart the factors (high-rank total)",
+        "Lialin et al. 2023, arXiv 2307.05695", ReLoRAPlan,
+    ),
+    "relora_sds": MethodSpec(
+        "relora_sds", ReLoRASDSLayer, ReLoRASDSOptions,
+        "ReLoRA over SDS-LoRA: merge-and-restart every N steps, each cycle an SDS-LoRA run of N steps",
+        "Lialin et al. 2023, arXiv 2307.05695; Oh, Baik, Lee 2026, arXiv 2606.16454", ReLoRASDSPlan,
+    ),
+    "lotr": MethodSpec(
+        "lotr", LoTRLayer, LoTROptions,
+        "LoTR, ΔW_l = s·U·C_l·Vᵀ, U and V shared across the depth (per module name or shape), Tucker-2 across layers",
+        "Bershatsky et al. 2024, arXiv 2402.01376",
+    ),
+    "lora_grow": MethodSpec(
+        "lora_grow", GrowLoRALayer, GrowOptions,
+        "LoRA whose rank grows r -> grow_to during training along the unreachable gradient's top directions",
+        "rank growth as in IncreLoRA, Zhang et al. 2023, arXiv 2308.12043", GrowPlan,
+    ),
+    "sds_grow": MethodSpec(
+        "sds_grow", GrowSDSLayer, SDSGrowOptions,
+        "SDS-LoRA whose rank grows r -> grow_to during training along the unreachable gradient's top directions",
+        "Oh, Baik, Lee 2026, arXiv 2606.16454; rank growth as in IncreLoRA, Zhang et al. 2023, arXiv 2308.12043",
+        SDSGrowPlan,
     ),
     "full": MethodSpec("full", None, FullOptions, "full fine-tuning (reference)", "-"),
 }

@@ -10,6 +10,7 @@ which the Controller asks once per optimizer step.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -202,6 +203,13 @@ class AdapterLayer(nn.Module):
         """Data-driven initialisation of a ``needs_init_data`` method, called by attach() right after construction
         (never when a saved adapter is loaded). ``grad``: mean ∂L/∂W over the init data, float32, [out, in]."""
         raise NotImplementedError(f"{type(self).__name__} has no gradient-based initialisation")
+
+    @classmethod
+    def tie_layers(cls, layers: Mapping[str, AdapterLayer]) -> None:
+        """Establish what the method shares across layers (LoTR: one U, V per shape group), once every layer exists:
+        ``attach_layers`` calls it once with all the new layers (name -> layer, in model order) after building (and
+        data-initialising) them, before the model is handed back; on the load path that is before the saved tensors
+        are copied in. A shared tensor is one ``nn.Parameter`` registered in several layers. Default: nothing."""
 
     def sync_state(self) -> None:
         """Re-derive the layer's Python-side state (e.g. SDS-LoRA's phase flag) from its tensors after they were

@@ -22,6 +22,9 @@ class StepOutcome:
     """What a method asks of the Controller after an optimizer step."""
 
     reset_params: list[nn.Parameter] = field(default_factory=list)  # clear these parameters' optimizer state
+    # zero this share of the entries of each of these parameters' moment tensors, smallest magnitudes first (ReLoRA's
+    # partial reset); step counters kept
+    prune_params: list[tuple[nn.Parameter, float]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)  # logged records (e.g. refresh jumps)
     # carry these parameters' optimizer state into new coordinates: (param, left, right) means the parameter's
     # gradient now reads g' = left @ g @ right (left/right None = identity); the Controller maps first moments the
