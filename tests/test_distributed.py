@@ -59,7 +59,9 @@ def _launch(script: str, tmp_path: Path, timeout: int = 150) -> dict[str, Any]:
             str(_free_port()),
             str(SCRIPTS / script),
         ]
-        proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=timeout
+        )
         # a worker killed by a signal before any Python error (gloo's TCP rendezvous on a loaded machine, a port
         # taken between _free_port() and the bind) is retried once on a new port; a Python error fails at once
         root = proc.stderr.rsplit("Root Cause", 1)[-1] if "Root Cause" in proc.stderr else ""
@@ -107,6 +109,15 @@ def test_ddp_matches_one_process_and_ranks_stay_identical(ddp_fsdp: dict[str, An
         assert (
             run["phase"] == 1 and run["decoupled"] is True
         )  # DDP's buffer broadcast does not undo the phase
+
+
+def test_ddp_merge_and_restart_keeps_ranks_identical(ddp_fsdp: dict[str, Any]) -> None:
+    run = ddp_fsdp["ddp_relora_sds"]
+    # cycles of 10: re-parameterise after local step 4, refresh after 6 and 8, restart after 10
+    assert run["events"] == ["reparameterise", "refresh", "refresh", "restart"] * 2
+    assert sorted(run["identical"], key=int) == ["4", "6", "8", "10", "14", "16", "18", "20"]
+    assert all(run["identical"].values()) and run["base_identical"]  # factors, merged update, frozen weights
+    assert max(run["vs_ref"].values()) < 1e-4
 
 
 def test_ddp_sync_repairs_rank_divergence(ddp_fsdp: dict[str, Any]) -> None:

@@ -29,11 +29,11 @@ import sdslora
 import sdslora.io as sio
 
 
-def run_ddp(ref: dict[str, Any], sync: Any, perturb: bool = False) -> dict[str, Any]:
+def run_ddp(ref: dict[str, Any], sync: Any, perturb: bool = False, method: str = "sds") -> dict[str, Any]:
     """``perturb``: before the duty of step 12, rank 1 nudges one B by 1e-6 (as if its hardware rounded
     differently); with the Controller's sync the ranks are bitwise equal again after the duty."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = fresh_model()
+    model = fresh_model(method)
     model.train()
     ddp = DDP(model)  # wrap AFTER attach
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=LR)
@@ -69,6 +69,10 @@ def run_ddp(ref: dict[str, Any], sync: Any, perturb: bool = False) -> dict[str, 
         "phase": int(layer0.lora_phase),
         "decoupled": layer0.decoupled,
         "identical_before_duty_12": before,
+        # the frozen weights too (ReLoRA re-derives them from the broadcast merged update)
+        "base_identical": identical_on_all_ranks(
+            {n: layer.base_weight.detach().float().clone() for n, layer in model.adapter_layers().items()}
+        ),
     }
 
 
@@ -243,6 +247,7 @@ def main() -> None:
         "ddp": run_ddp(ref, sync="auto"),
         "ddp_perturbed_sync": run_ddp(ref, sync="auto", perturb=True),
         "ddp_perturbed_nosync": run_ddp(ref, sync=False, perturb=True),
+        "ddp_relora_sds": run_ddp(reference_run(method="relora_sds"), sync="auto", method="relora_sds"),
         "fsdp": run_fsdp(ref),
         "fsdp_orthogonal": run_fsdp(reference_run(method="orthogonal"), method="orthogonal"),
         "fsdp1_errors": fsdp1_refused(),
