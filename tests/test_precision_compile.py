@@ -219,3 +219,48 @@ def test_compile_same_outputs_and_refresh_does_not_recompile() -> None:
     assert n_compiles[2] == first and first <= n_compiles[3] <= 2 * first
     # steps 5..9 follow a refresh each: no recompilation
     assert n_compiles[4:] == [n_compiles[3]] * 5, n_compiles
+
+
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("relora", {"restart_every": 3, "restart_warmup": 1}),
+        ("relora_sds", {"restart_every": 4, "warmup_steps": 1, "restart_warmup": 1}),
+        ("lora_grow", {"grow_steps": "3"}),
+        ("sds_grow", {"grow_steps": "4", "warmup_steps": 2}),
+        ("lotr", {}),
+    ],
+)
+def test_compile_same_outputs_across_restarts_growth_and_sharing(
+    method: str, options: dict[str, Any]
+) -> None:
+    """torch.compile'd twins of the survey methods train like eager ones through their duties (a restart re-bases
+    the frozen weight in place; a growth replaces parameters: Dynamo guards see the new shapes and recompile)."""
+    torch._dynamo.reset()
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        return gm.forward
+
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        base = tiny_llama()
+        base.train()
+        torch.manual_seed(1)
+        model = sdslora.attach(base, sdslora.AdapterConfig(method=method, r=2, options=options))
+        fwd = torch.compile(model, backend=backend) if compiled else model
+        opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+        ctl = sdslora.Controller(fwd, opt, total_steps=6)
+        logits = []
+        for step in range(1, 7):
+            out = fwd(**batch_for("llama", seed=step))
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad()
+            ctl.step()
+            logits.append(out.logits.detach())
+        runs.append((logits, [e["event"] for e in ctl.events]))
+    (ref, ref_events), (got, events) = runs
+    assert events == ref_events and (events or method == "lotr")
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
