@@ -365,7 +365,7 @@ def _build_optimizer(adapted: Any, cfg: RunConfig) -> Any:
 def training_state_bytes(adapted: Any, tokens_per_step: int) -> dict[str, int]:
     """Analytic bytes a method adds on top of the frozen model's own forward/backward:
 
-    * adapter tensors (parameters and buffers such as SDS-LoRA's Q_A, Q_B);
+    * adapter tensors (parameters and buffers such as SDS-LoRA's Q_A, Q_B, ReLoRA's merged update and copy of W0);
     * gradients + two AdamW moments of every trainable parameter (3 copies);
     * activations the adapter path saves for backward: tokens x (r for LoRA-like layers, 2r for SDS-LoRA's
       rank-2r path) per adapted layer, in the adapter dtype.
@@ -374,7 +374,9 @@ def training_state_bytes(adapted: Any, tokens_per_step: int) -> dict[str, int]:
     act = 0
     seen: set[int] = set()  # a tensor shared by several layers (LoTR's U, V) once
     for layer in adapted.adapter_layers().values():
-        tensors = [t for t in layer.adapter_tensors().values() if id(t) not in seen]
+        # the layer's own tensors, unsaved buffers too (ReLoRA's copy of W0)
+        own = [*layer.parameters(recurse=False), *layer.buffers(recurse=False)]
+        tensors = [t for t in own if id(t) not in seen]
         seen.update(id(t) for t in tensors)
         adapter += sum(t.numel() * t.element_size() for t in tensors)
         act += tokens_per_step * layer.activation_width() * 4
@@ -590,6 +592,8 @@ def _train_and_evaluate(cfg: RunConfig, out: Path, config: dict[str, Any], task:
         "config": config, "method": cfg.method, "seed": cfg.seed, "r": cfg.r, "lr": cfg.learning_rate,
         "task": task.name, "model": cfg.model, "model_folder": Path(folder).name,
         "trainable_parameters": summary["trainable"], "adapter_parameters": summary["adapter"],
+        # at the end of the run (a method whose rank grows trains more than it started with)
+        "trainable_parameters_end": adapted.trainable_summary()["trainable"],
         "total_parameters": summary["total"], "adapted_layers": summary["layers"], "modules_to_save": save,
         "steps": int(trainer.state.global_step), "final_train_loss": _tail_mean(losses, 10),
         "step_time_median_s": step_times[len(step_times) // 2] if step_times else None,
