@@ -270,3 +270,24 @@ def test_a_run_shorter_than_a_cycle_is_refused():
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
     with pytest.raises(ValueError, match="ends before method 'relora' runs any"):
         sdslora.Controller(model, opt, total_steps=20)
+
+
+def test_mixed_rank_export_sets_peft_rank_and_alpha_patterns(tmp_path):
+    """After a restart each layer exports at rank min(out, in): q_proj (32×32) at 32, k_proj (16×32) at 16. PEFT
+    scales a layer by lora_alpha / r unless alpha_pattern says otherwise: without the pattern k_proj's update
+    would be doubled."""
+    model = _attach("relora", {"restart_every": 2, "restart_warmup": 0}, targets=["q_proj", "k_proj"])
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2, weight_decay=0.0)
+    ctl = sdslora.Controller(model, opt, total_steps=10)
+    _steps(model, opt, ctl, range(1, 4))
+    probe = batch_for("llama", seed=60)
+    ours = output_of(model, probe).detach()
+    model.export_peft(tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    k_layers = sorted(n for n in model.adapter_layers() if n.endswith("k_proj"))
+    assert cfg["r"] == cfg["lora_alpha"] == 32
+    assert cfg["rank_pattern"] == cfg["alpha_pattern"] == {n: 16 for n in k_layers}
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "peft")
+    torch.testing.assert_close(output_of(loaded, probe), ours, rtol=0, atol=1e-5)
+    for name in k_layers:  # PEFT's own scale of those layers is 1
+        assert loaded.base_model.model.get_submodule(name).scaling["default"] == 1.0
