@@ -13,7 +13,8 @@ from typing import Any
 from ..config import check_field_types
 from .base import AdapterLayer
 from .dora import DoRALayer, DoRAOptions
-from .grow import GrowLoRALayer, GrowOptions, GrowPlan, GrowSDSLayer, SDSGrowOptions, SDSGrowPlan
+from .grow import GrowLoRALayer, GrowSDSLayer
+from .grow_schedule import GrowOptions, GrowPlan, SDSGrowOptions, SDSGrowPlan
 from .lora import LoRALayer, LoRAOptions
 from .lora_ga import LoRAGALayer, LoRAGAOptions
 from .pissa import PiSSALayer, PiSSAOptions
