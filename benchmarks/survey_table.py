@@ -132,6 +132,13 @@ def _write(rows: list[dict[str, Any]], setting: dict[str, Any], out_md: Path) ->
     ]
     if plot:
         lines += [f"![accuracy vs trainable parameters]({plot.name})", ""]
+    lines += [
+        "**Not measured here.** SmolLM2-135M (the issue's second model) needs a GPU: one of its training steps takes "
+        "12–70 s on this 2-core CPU, so the same rows on it are a GPU job (same commands with `--model "
+        "smollm2-135m --task math`). AdaLoRA (PEFT; the anchor for accuracy per parameter of rank allocation) and "
+        "VeRA-style sharing are not implemented here and not compared.",
+        "",
+    ]
     lines += ["## Commands", "", "```bash", COMMANDS, "```", ""]
     out_md.write_text("\n".join(lines))
 
