@@ -126,3 +126,20 @@ def test_controller_carries_optimizer_state_into_a_grown_parameter():
     assert torch.allclose(new.detach(), expected, atol=1e-6)
     with pytest.raises(ValueError, match="does not hold the replaced parameter"):
         ctl.replace_parameters([(old, new, None)])
+
+
+def test_run_config_maps_every_adapter_config_field():
+    """The run config re-states the adapter's fields under the names of the command line; the mapping is one table
+    that must cover every AdapterConfig field, so that a new field cannot be silently dropped by `sdslora train`."""
+    import dataclasses
+
+    from sdslora.experiments.train import ADAPTER_FIELDS, RunConfig
+
+    assert set(ADAPTER_FIELDS) == {f.name for f in dataclasses.fields(sdslora.AdapterConfig)}
+    run = RunConfig(method="lora", r=3, alpha=6.0, scaling="standard", targets=["q_proj"], exclude=["k_proj"],
+                    modules_to_save=["score"], dropout=0.1, adapter_dtype="base", options={})
+    cfg = run.adapter_config()
+    assert (cfg.method, cfg.r, cfg.alpha, cfg.scaling, cfg.target_modules, cfg.exclude_modules, cfg.modules_to_save,
+            cfg.dropout, cfg.adapter_dtype) == ("lora", 3, 6.0, "standard", ["q_proj"], ["k_proj"], ["score"], 0.1,
+                                                "base")
+    assert run.adapter_config(modules_to_save=["classifier"]).modules_to_save == ["classifier"]
