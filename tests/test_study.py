@@ -330,3 +330,21 @@ def test_records_made_before_a_runconfig_field_existed_still_match():
     assert with_defaults(old, now) == now
     changed = dict(old, adapter_dtype="base")
     assert with_defaults(changed, now) != now  # a value that was set is kept
+
+
+def test_report_expects_what_the_commands_asked_for_not_every_method_at_every_rank():
+    from sdslora.experiments.evidence import planned_runs
+
+    setting = {
+        "methods": ["full", "lora", "sds", "dora"], "ranks": [8, 32], "base": {"r": 8},
+        "commands": [
+            "sdslora compare --task sst2 --methods full,lora,sds --ranks 8,32 --lr-sweep 1e-3",
+            "sdslora compare --task sst2 --methods dora --ranks 32 --lr-sweep 1e-3",
+        ],
+    }
+    want = planned_runs(setting)
+    assert want == {("full", None), ("lora", 8), ("lora", 32), ("sds", 8), ("sds", 32), ("dora", 32)}
+    setting["commands"] = ["sdslora compare --task sst2 --lr-sweep 1e-3"]  # defaults: lora, sds, full at base r
+    assert planned_runs(setting) == {("full", None), ("lora", 8), ("sds", 8)}
+    setting["commands"] = ["not a compare command"]  # unreadable: every method at every rank
+    assert ("dora", 8) in planned_runs(setting)

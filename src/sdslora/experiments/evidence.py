@@ -267,13 +267,38 @@ def _pm(m: float | None, h: float | None, n: int, d: int = 4) -> str:
     return f"{m:.{d}f} ± {h:.{d}f} (n={n})" if h is not None else f"{m:.{d}f} (n={n})"
 
 
+def planned_runs(setting: dict[str, Any]) -> set[tuple[str, int | None]]:
+    """The (method label, rank) pairs the study's commands asked for: each command's methods × its ranks (a study
+    grown by several commands asks for the union, not for every method at every rank); full fine-tuning has no
+    rank. Falls back to all methods × all ranks when a command cannot be read."""
+    import shlex
+
+    from ..cli import build_parser
+    from ..cli_train import _csv
+
+    every = {(m, None if m == "full" else r) for m in setting["methods"] for r in setting["ranks"]}
+    commands = setting.get("commands") or [setting.get("command")]
+    want: set[tuple[str, int | None]] = set()
+    parser = build_parser()
+    for command in commands:
+        try:
+            argv = shlex.split(command or "")
+            args = parser.parse_args(argv[argv.index("compare"):])
+        except (ValueError, SystemExit):
+            return every
+        methods = _csv(args.methods) or ["lora", "sds", "full"]
+        ranks = [int(x) for x in _csv(args.ranks) or []] or [int(setting["base"]["r"])]
+        want |= {(m, None if m == "full" else r) for m in methods for r in ranks}
+    return want
+
+
 def _setting_md(name: str, setting: dict[str, Any], an: dict[str, Any], plots: list[str], rel: str) -> list[str]:
     b = setting["base"]
     primary = setting["primary_metric"]
     base = setting.get("baseline") or {}
     lines = [f"## {name}: {b['model']} on {setting['task']}", ""]
     done = {(g["label"], g["r"]) for g in an["groups"] if len(g["values"]) >= len(setting["seeds"])}
-    want = {(m, None if m == "full" else r) for m in setting["methods"] for r in setting["ranks"]}
+    want = planned_runs(setting)
     if want - done:
         missing = ", ".join(f"{_name(m)}" + (f" r={r}" if r is not None else "") for m, r in sorted(
             want - done, key=lambda x: (x[1] or 0, x[0])))
