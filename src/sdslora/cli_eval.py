@@ -45,7 +45,7 @@ def evaluate_cli(args: argparse.Namespace) -> tuple[dict, Path | None]:
     from .data import resolve_data_dir
     from .experiments.data import evaluate
     from .experiments.models import load_model
-    from .experiments.train import write_json
+    from .experiments.run_folder import write_json
     from .io import load_adapter
     from .tasks import file_task, get_task
 

@@ -120,7 +120,7 @@ def with_default_exclude(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_run_config(args: argparse.Namespace) -> Any:
-    from .experiments.train import RunConfig, load_config_file
+    from .experiments.run_config import RunConfig, load_config_file
 
     file_fields = load_config_file(args.config) if getattr(args, "config", None) else {}
     fields = run_config_fields(args, file_fields)

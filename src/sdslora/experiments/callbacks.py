@@ -15,7 +15,8 @@ from transformers.trainer_callback import ProgressCallback
 from ..integrations.hf import AdapterCheckpointMixin
 from ..tasks import Task
 from ..utils import json_safe
-from .train import _keep_records, _nonfinite_loss
+from .run_folder import _keep_records
+from .train import _nonfinite_loss
 
 
 class HarnessTrainer(AdapterCheckpointMixin, Trainer):

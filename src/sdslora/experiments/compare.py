@@ -40,7 +40,9 @@ import torch
 
 from ..config import parse_value
 from ..methods import get_method
-from .train import RunConfig, RunDirError, prepare_data, run_train, versions, with_defaults, write_json
+from .run_config import RunConfig, with_defaults
+from .run_folder import RunDirError, versions, write_json
+from .train import prepare_data, run_train
 
 DEMO_STEPS = 240
 DEMO_LRS = {"lora": 1e-3, "sds": 1e-3, "full": 1e-4}
@@ -491,7 +493,7 @@ def planned_work(cc: CompareConfig, n_train: int) -> dict[str, Any]:
 
 def _finished(run_dir: Path, cfg: RunConfig) -> bool:
     """Whether ``run_dir`` holds this run finished (run_train will return its results without training)."""
-    from .train import run_state
+    from .run_folder import run_state
 
     try:
         return (run_dir / "done.json").is_file() and run_state(run_dir, cfg.to_dict()) == "done"

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from .compare import select_lr, selection_key
+from .run_folder import write_json
 from .stats import diff_interval, gap_closed, mean, paired_interval, t_interval
-from .train import write_json
 
 NAMES = {"lora": "LoRA", "sds": "SDS-LoRA", "sds:faithful": "SDS-LoRA (faithful)", "full": "full fine-tuning",
          "dora": "DoRA", "pissa": "PiSSA"}

@@ -21,9 +21,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .run_folder import write_json
 from .stats import mean as _mean
 from .stats import sample_var, t_interval
-from .train import write_json
 
 TIMING_NOTE = ("Step times are not compared here: the runs were made one after another, so on a shared machine their "
                "medians reflect the load at each moment as much as the method. Time ratios measured side by side "
