@@ -81,6 +81,7 @@ def build(setting_dir: Path, out_md: Path) -> list[dict[str, Any]]:
             "rss_mb": mean([x.get("peak_rss_growth_mb") for x in recs]),
             "vs_ref": diff_interval(ref["values"], g["values"]) if ref and (label, r) != REFERENCE else None,
             "values": g["values"],
+            "grow": [e for x in recs for e in (x.get("events") or []) if e.get("event") == "grow"],
         }
         rows.append(row)
     _write(rows, setting, out_md)
@@ -130,6 +131,24 @@ def _write(rows: list[dict[str, Any]], setting: dict[str, Any], out_md: Path) ->
         "earlier run of the process had already reached it).",
         "",
     ]
+    growth = [x for x in done if x.get("grow")]
+    if growth:
+        lines += [
+            "At the growth (after step 150, mean over seeds and the 36 layers): the share of the full gradient's "
+            "energy the rank-4 subspaces cannot reach, ‖(I − P_B)G(I − P_A)‖²/‖G‖², and the share of that "
+            "unreachable part the 4 new directions capture:",
+            "",
+        ]
+        for x in growth:
+            un = mean([e.get("unreachable_share_mean") for e in x["grow"]])
+            cap = mean([e.get("captured_share_mean") for e in x["grow"]])
+            if un is None:  # random directions: nothing measured about G
+                lines.append(
+                    f"- {x['what']}: random directions ({x['grow'][0].get('random_filled')} per run)"
+                )
+            else:
+                lines.append(f"- {x['what']}: unreachable {un:.3f}, captured by the new directions {cap:.3f}")
+        lines.append("")
     if plot:
         lines += [f"![accuracy vs trainable parameters]({plot.name})", ""]
     lines += [
