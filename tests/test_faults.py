@@ -141,6 +141,44 @@ def test_duty_that_produces_nonfinite_values_is_rolled_back(monkeypatch):
     assert ctl.t == 2 and all(layer.decoupled for layer in model.adapter_layers().values())
 
 
+def test_large_finite_factors_whose_sum_overflows_are_not_called_nonfinite(monkeypatch):
+    # the Controller checks finiteness with one sum over all adapter tensors of a dtype; a sum that overflows
+    # float32 although every value is finite must send it to the exact per-tensor scan, which finds nothing
+    model, _, ctl = _sds_run(warmup=2)
+    ctl.step()
+    calls = []
+    monkeypatch.setattr(SDSLayer, "reparameterise", lambda self, *a, **kw: calls.append(self))  # a duty that works
+    first, second = list(model.adapter_layers().values())[:2]
+    with torch.no_grad():
+        first.lora_A[0, 0] = second.lora_A[0, 0] = 3e38  # finite, each tensor's sum too; their total is inf
+    assert bool(torch.isfinite(first.lora_A.sum())) and not bool(torch.isfinite(first.lora_A.sum() * 2))
+    ctl.step()
+    assert ctl.t == 2 and len(calls) == len(model.adapter_layers())
+
+
+def test_rollback_restores_every_dtype_of_a_mixed_adapter(monkeypatch):
+    model, _, ctl = _sds_run(warmup=2)
+    ctl.step()
+    layers = list(model.adapter_layers().values())
+    with torch.no_grad():  # a float64 layer beside float32 ones: the snapshot keeps one buffer per dtype
+        layers[0].to(torch.float64)
+    before = _adapter_tensors(model)
+    assert {v.dtype for v in before.values()} >= {torch.float32, torch.float64}
+    real = SDSLayer.reparameterise
+
+    def failing(self, *a, **kw):
+        out = real(self, *a, **kw)
+        if self is layers[-1]:
+            raise RuntimeError("boom")
+        return out
+
+    monkeypatch.setattr(SDSLayer, "reparameterise", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        ctl.step()
+    after = _adapter_tensors(model)
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+
+
 def test_factorisation_error_in_a_duty_is_named(monkeypatch):
     model, _, ctl = _sds_run(warmup=2)
     ctl.step()

@@ -27,6 +27,46 @@ from .methods import StepOutcome, StepPlan, get_method
 from .model import AdaptedModel
 
 
+class _Snapshot:
+    """A copy of the adapter tensors taken before a duty, to put back if it fails: one flat buffer per (device,
+    dtype), so that copying, checking and restoring cost one call each, not several per tensor (the refresh runs at
+    almost every other step early in training, across every layer)."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.groups: list[tuple[list[torch.Tensor], torch.Tensor]] = []
+        by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for x in tensors:
+            by_kind.setdefault((x.device, x.dtype), []).append(x)
+        with torch.no_grad():
+            for group in by_kind.values():
+                self.groups.append((group, torch.cat([x.detach().reshape(-1) for x in group])))
+
+    def finite(self) -> bool:
+        """Whether every floating-point value copied is finite (one reduction per group, one host sync)."""
+        return _finite_flags([flat for _, flat in self.groups])
+
+    @staticmethod
+    def all_finite(tensors: list[torch.Tensor]) -> bool:
+        """Whether every floating-point value in ``tensors`` is finite: a sum per tensor (NaN and Inf propagate
+        through it; an overflowing sum of finite values only sends the caller to the exact per-tensor scan)."""
+        return _finite_flags(tensors)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for group, flat in self.groups:
+            parts = torch.split(flat, [x.numel() for x in group])
+            torch._foreach_copy_(group, [p.view(x.shape) for p, x in zip(parts, group, strict=True)])
+
+
+def _finite_flags(tensors: list[torch.Tensor]) -> bool:
+    sums = [x.detach().sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+            for x in tensors if x.is_floating_point() and x.numel()]
+    if not sums:
+        return True
+    device = sums[0].device
+    return bool(torch.isfinite(torch.stack([v.to(device) for v in sums])).all())  # one host sync
+
+
 class NonFiniteError(FloatingPointError):
     """Training produced NaN / Inf values where a method's duty needs finite ones (the model is left as it was
     before the duty; the message names the step, the layer and the likely cause)."""
@@ -200,22 +240,24 @@ class Controller:
         with gathered_adapter_tensors(self.layers, broadcast=broadcast) as alias:
             # inside the block the layers hold full (gathered) tensors; raising here skips the write-back into
             # FSDP2 shards, and the snapshot below restores unsharded tensors, so a failed duty changes nothing
-            self._check_finite(new_t, "before")
-            snapshot = [(t_, t_.detach().clone()) for layer in self.layers for t_ in layer.adapter_tensors().values()]
             # the tensor objects and ranks too: a duty may replace parameters by new ones (rank growth) and then fail
-            held = [(layer, dict(layer.adapter_tensors()), layer.r) for layer in self.layers]
+            held = [(layer, layer.adapter_tensors(), layer.r) for layer in self.layers]
+            snapshot = _Snapshot([t_ for _, tensors, _ in held for t_ in tensors.values()])
+            if not snapshot.finite():
+                self._check_finite(new_t, "before")
             try:
                 out = self.plan.run(self.layers, new_t)
-                self._check_finite(new_t, "after")
+                if not _Snapshot.all_finite(
+                    [t_ for layer in self.layers for t_ in layer.adapter_tensors().values()]
+                ):
+                    self._check_finite(new_t, "after")
             except Exception as e:
                 for layer, tensors, r in held:
                     for name, obj in tensors.items():
                         if getattr(layer, name) is not obj:
                             setattr(layer, name, obj)
                     layer.r = r
-                with torch.no_grad():
-                    for dst, src in snapshot:
-                        dst.copy_(src)
+                snapshot.restore()
                 for layer in self.layers:
                     layer.sync_state()
                 if isinstance(e, NonFiniteError):
@@ -243,10 +285,8 @@ class Controller:
         return out
 
     def _check_finite(self, t: int, when: str) -> None:
-        flags = [torch.isfinite(x).all() for layer in self.layers for x in layer.adapter_tensors().values()
-                 if x.is_floating_point()]
-        if not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):  # one host sync
-            return
+        """Raise :class:`NonFiniteError` naming the first adapter tensor that holds NaN/Inf (the slow, per-tensor
+        scan; :class:`_Snapshot` checks the common all-finite case in one reduction first)."""
         for name, layer in zip(self.layer_names, self.layers, strict=True):
             for t_name, tensor in layer.adapter_tensors().items():
                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):

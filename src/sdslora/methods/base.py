@@ -269,12 +269,10 @@ class AdapterLayer(nn.Module):
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """The adapter's own parameters and persistent buffers (not the base layer's), by local name."""
-        out: dict[str, torch.Tensor] = {}
-        for name, p in self.named_parameters(recurse=False):
-            out[name] = p
-        for name, b in self.named_buffers(recurse=False):
-            if name not in self._non_persistent_buffers_set:
-                out[name] = b
+        # the module's own dicts, not named_parameters(): this runs for every layer at every duty step
+        out: dict[str, torch.Tensor] = {n: p for n, p in self._parameters.items() if p is not None}
+        skip = self._non_persistent_buffers_set
+        out.update((n, b) for n, b in self._buffers.items() if b is not None and n not in skip)
         return out
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
