@@ -21,19 +21,29 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .curves import (  # noqa: F401  (read_jsonl, loss_curve, diag_curves, running_mean, ...: importable from here)
+    DIAG_KEYS,
+    WINDOW,
+    diag_curves,
+    loss_curve,
+    read_jsonl,
+    run_diag_curves,
+    run_loss_curve,
+    running_mean,
+    steps_to_target,
+)
+from .report_plots import DIAG_TITLES, _plots  # noqa: F401  (DIAG_TITLES: importable from here)
+from .report_text import (  # noqa: F401  (TIMING_NOTE, baseline_row, ...: importable from here)
+    TIMING_NOTE,
+    _baseline_text,
+    _markdown,
+    _md_table,
+    _table_baseline,
+    baseline_row,
+)
 from .run_folder import write_json
 from .stats import mean as _mean
 from .stats import sample_var, t_interval
-
-TIMING_NOTE = ("Step times are not compared here: the runs were made one after another, so on a shared machine their "
-               "medians reflect the load at each moment as much as the method. Time ratios measured side by side "
-               "(methods interleaved in one process) come from `python benchmarks/overhead.py` (docs/overhead.md); "
-               "each run's median step time is in results.json.")
-DIAG_KEYS = ("cos_g_geff", "cos_geff_gstar", "erank_grad_A", "erank_grad_B", "stable_rank_A")
-WINDOW = 10
-DIAG_TITLES = {"cos_g_geff": "cos(G, G̃): effective vs full gradient", "cos_geff_gstar": "cos(G̃, G*): vs best in subspaces",
-               "erank_grad_A": "effective rank of ∇A", "erank_grad_B": "effective rank of ∇B",
-               "stable_rank_A": "stable rank of A"}
 
 
 def _std(xs: list[float]) -> float | None:
@@ -55,92 +65,12 @@ def _ci(xs: list[float]) -> float | None:
     return t_interval(xs)[1]
 
 
-def run_loss_curve(out: Path, res: dict[str, Any]) -> tuple[list[int], list[float]]:
-    """A run's train-loss curve: from its result record when it carries one, else from its folder."""
-    if res.get("loss_curve"):
-        return [int(s) for s, _ in res["loss_curve"]], [float(v) for _, v in res["loss_curve"]]
-    return loss_curve(out / "runs" / res["run"])
-
-
-def run_diag_curves(out: Path, res: dict[str, Any]) -> dict[str, tuple[list[int], list[float]]]:
-    if res.get("diagnostics"):
-        return {k: ([int(s) for s, _ in v], [float(x) for _, x in v]) for k, v in res["diagnostics"].items()}
-    return diag_curves(out / "runs" / res["run"])
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a half-written last line of an interrupted run
-    return out
-
-
-def loss_curve(run_dir: Path) -> tuple[list[int], list[float]]:
-    recs = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r and r.get("loss") is not None]
-    return [int(r["step"]) for r in recs], [float(r["loss"]) for r in recs]
-
-
-def running_mean(xs: list[float], w: int = WINDOW) -> list[float]:
-    out, acc = [], 0.0
-    for i, x in enumerate(xs):
-        acc += x
-        if i >= w:
-            acc -= xs[i - w]
-        out.append(acc / min(i + 1, w))
-    return out
-
-
-def steps_to_target(steps: list[int], losses: list[float], target: float) -> int | None:
-    for s, v in zip(steps, running_mean(losses)):
-        if v <= target:
-            return s
-    return None
-
-
-def diag_curves(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
-    """Diagnostics summary keys over steps, from diagnostics.jsonl (or the diag/ keys in metrics.jsonl)."""
-    curves: dict[str, tuple[list[int], list[float]]] = {}
-    recs = read_jsonl(run_dir / "diagnostics.jsonl")
-    if recs:
-        for r in recs:
-            for k, v in (r.get("summary") or {}).items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    curves.setdefault(k, ([], []))
-                    curves[k][0].append(int(r.get("step", 0)))
-                    curves[k][1].append(float(v))
-        return curves
-    for r in read_jsonl(run_dir / "metrics.jsonl"):
-        for k, v in r.items():
-            if k.startswith("diag/") and isinstance(v, (int, float)):
-                curves.setdefault(k[5:], ([], []))
-                curves[k[5:]][0].append(int(r["step"]))
-                curves[k[5:]][1].append(float(v))
-    return curves
-
 
 def _mem_column(measured: bool) -> str:
     """The memory column's name: what it is (an analytic count of the adapter-side training state on CPU, the
     measured CUDA peak on a GPU)."""
     return "CUDA peak memory / LoRA" if measured else "adapter training state / LoRA (analytic)"
 
-
-def baseline_row(b: dict[str, Any] | None, primary: str, cols: list[str]) -> dict[str, Any] | None:
-    """A table row for the score of a model that learned nothing (majority class / uniform guess), or None."""
-    if not b or b.get("primary") is None:
-        return None
-    name = f"majority class (always {b['class']})" if b.get("kind") == "majority" else "chance (uniform guess)"
-    row: dict[str, Any] = {c: "" for c in cols}
-    row["method"] = name
-    row[primary] = f"{b['primary']:.4f}"
-    if b.get("metric") in cols and b.get("value") is not None:
-        row[b["metric"]] = f"{b['value']:.4f}"
-    return row
 
 
 def _label(method: str, r: int, multi_rank: bool) -> str:
@@ -243,231 +173,3 @@ def rebuild_report(out: str | Path) -> dict[str, Any]:
                          loss_target=st["loss_target"] if st.get("loss_target_rule") == "given" else None)
     return write_report(out, cc, old["runs"], synthetic=old.get("synthetic"), sweep=old["learning_rates"],
                         machine=old["machine"], wall_s=st["wall_s"], baseline=st.get("baseline"))
-
-
-# ---- plots ---------------------------------------------------------------------------------------------------
-def _plots(out: Path, groups: dict[str, list[dict[str, Any]]], curves: dict[str, tuple[list[int], list[float]]],
-           metric_names: list[str], primary: str, synthetic: dict[str, Any] | None,
-           baseline: dict[str, Any] | None = None) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    files = []
-    # train loss with seed bands (min..max over seeds of the running mean)
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for g, rs in groups.items():
-        per = [curves[x["run"]] for x in rs if curves[x["run"]][0]]
-        if not per:
-            continue
-        n = min(len(p[0]) for p in per)
-        steps = per[0][0][:n]
-        sm = [running_mean(p[1][:n]) for p in per]
-        mean = [sum(v[i] for v in sm) / len(sm) for i in range(n)]
-        ax.plot(steps, mean, label=f"{g} ({len(per)} seed{'s' if len(per) > 1 else ''})")
-        if len(sm) > 1:
-            ax.fill_between(steps, [min(v[i] for v in sm) for i in range(n)], [max(v[i] for v in sm) for i in range(n)],
-                            alpha=0.25)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(f"train loss ({WINDOW}-step running mean)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=110)
-    plt.close(fig)
-    files.append("loss_curves.png")
-
-    # primary metric per method: mean with its 95 % t-interval over seeds, the majority / chance rate as a line,
-    # the axis zoomed to the data (differences of a few points are what matters)
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    names = list(groups)
-    stats = [t_interval([x["eval"].get(primary) for x in groups[g]]) for g in names]
-    ms = [m if m is not None else float("nan") for m, _ in stats]
-    hs = [h or 0.0 for _, h in stats]
-    if any(hs):
-        ax.errorbar(range(len(names)), ms, yerr=hs, fmt="o", capsize=6, ms=7)
-    else:  # one seed: no interval to draw
-        ax.plot(range(len(names)), ms, "o", ms=7)
-    for i, (m, _h) in enumerate(stats):
-        if m is not None:
-            ax.annotate(f"{m:.3f}", (i, m), textcoords="offset points", xytext=(8, 4), fontsize=8)
-    lo = [m - h for m, h in zip(ms, hs) if math.isfinite(m)]
-    hi = [m + h for m, h in zip(ms, hs) if math.isfinite(m)]
-    base = (baseline or {}).get("primary")
-    if base is not None:
-        ax.axhline(base, color="grey", ls="--", lw=1, label=f"{baseline['kind']} rate {base:.3f}")
-        lo.append(base)
-        hi.append(base)
-    if lo and hi:
-        pad = max(0.01, 0.15 * (max(hi) - min(lo)))
-        ax.set_ylim(min(lo) - pad, max(hi) + pad)
-    ax.set_xticks(range(len(names)), names)
-    ax.set_xlim(-0.5, len(names) - 0.5)
-    n_seeds = max(len(rs) for rs in groups.values())
-    ax.set_ylabel(f"evaluation {primary}" + (" (mean ± 95 % CI over seeds)" if n_seeds > 1 else " (one seed)"))
-    if base is not None:
-        ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "metrics.png", dpi=110)
-    plt.close(fig)
-    files.append("metrics.png")
-
-    # diagnostics curves (alignment, effective rank, stable rank)
-    diags = {g: [run_diag_curves(out, x) for x in rs] for g, rs in groups.items()}
-    keys = [k for k in DIAG_KEYS if any(k in c for cs in diags.values() for c in cs)]
-    if keys:
-        fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.4), squeeze=False)
-        for ax, k in zip(axes[0], keys):
-            for g, cs in diags.items():
-                have = [c[k] for c in cs if k in c]
-                if not have:
-                    continue
-                n = min(len(h[0]) for h in have)
-                ax.plot(have[0][0][:n], [sum(h[1][i] for h in have) / len(have) for i in range(n)], marker="o",
-                        ms=3, label=g)
-            ax.set_title(DIAG_TITLES.get(k, k), fontsize=9)
-            ax.set_xlabel("optimizer step")
-            ax.set_ylabel("mean over adapted layers" + (" and seeds" if max(map(len, diags.values())) > 1 else ""))
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "diagnostics.png", dpi=110)
-        plt.close(fig)
-        files.append("diagnostics.png")
-
-    if synthetic:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), squeeze=False)
-        cap = synthetic["setup"]["max_steps"]
-        for ax, opt in zip(axes[0], ("sgd", "adam")):
-            for m in sorted({r["method"] for r in synthetic["rows"]}):
-                rows = [r for r in synthetic["rows"] if r["optimizer"] == opt and r["method"] == m]
-                ks = [r["kappa"] for r in rows]
-                ys = [r["steps"] if r["steps"] is not None else cap for r in rows]
-                ax.plot(ks, ys, marker="o", label=m)
-                for k, r in zip(ks, rows):
-                    if r["steps"] is None:
-                        ax.annotate(f">{cap}", (k, cap), textcoords="offset points", xytext=(-34, -12), fontsize=8)
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            plain = matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v:g}")
-            for axis in (ax.xaxis, ax.yaxis):
-                axis.set_major_formatter(plain)
-                axis.set_minor_formatter(plain if axis is ax.yaxis and ax.get_ylim()[1] / ax.get_ylim()[0] < 10
-                                         else matplotlib.ticker.NullFormatter())
-            ax.set_xlabel("κ (condition number of each factor)")
-            ax.set_ylabel("steps to relative error 1e-2")
-            ax.set_title(f"{opt.upper()}, best lr per method")
-            ax.grid(alpha=0.3, which="both")
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "synthetic_kappa.png", dpi=110)
-        plt.close(fig)
-        files.append("synthetic_kappa.png")
-    return files
-
-
-# ---- markdown ------------------------------------------------------------------------------------------------
-def _baseline_text(b: dict[str, Any] | None, n_val: int | None) -> str:
-    text = ""
-    if b and b.get("kind") == "majority":
-        text = (f"; a model that always predicts the majority class ({b['class']}) scores {b['value']:.4f} accuracy"
-                + (" and Matthews correlation 0" if b.get("primary") == 0.0 else ""))
-    elif b and b.get("kind") == "chance":
-        text = f"; a uniform guess among the options scores {b['value']:.4f} accuracy"
-    if n_val:
-        text += (f"; every run trained on the training data minus a validation split of {n_val} rows, on which the "
-                 "learning rates were chosen")
-    return text
-
-
-def _table_baseline(s: dict[str, Any]) -> dict[str, Any] | None:
-    runs = s.get("runs") or []
-    primary = runs[0].get("primary_metric") if runs else None
-    return baseline_row(s["setup"].get("baseline"), primary, s["table_columns"]) if primary else None
-
-
-def _md_table(cols: list[str], rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _markdown(s: dict[str, Any]) -> str:
-    st, mc = s["setup"], s["machine"]
-    lines = [f"# sdslora compare: {st['task']} on {st['model']}", ""]
-    lines += [f"Command: `{st['command'] or 'sdslora compare ...'}`  ",
-              f"Machine: {mc.get('processor')} ({mc.get('cpu_count')} CPUs visible, torch threads "
-              f"{mc.get('torch_threads')}{', GPU ' + mc['gpu'] if mc.get('gpu') else ''}), {mc.get('platform')}; "
-              f"torch {mc.get('torch')}, transformers {mc.get('transformers')}, sdslora {mc.get('sdslora')}  ",
-              f"Date (UTC): {mc.get('time_utc')}; wall time of this command: {st['wall_s']:.0f} s "
-              "(runs already finished in the output folder are not re-run and not counted)", ""]
-    syn = s.get("synthetic")
-    if syn:
-        su = syn["setup"]
-        lines += ["## The mechanism: a synthetic κ sweep", "",
-                  f"A frozen {su['n']}×{su['n']} linear layer adapted at rank {su['r']} by the real LoRA and SDS-LoRA "
-                  "layer classes, loss ½‖ΔW − M*‖²_F (M* a rank-r target whose subspaces are tilted away from the "
-                  "start). Both methods start from the same product ΔW₀ = UVᵀ, split as B₀ = U·diag(g)·R, "
-                  "A₀ = Rᵀ·diag(1/g)·Vᵀ with each factor's condition number κ and a random r×r rotation R; SDS-LoRA "
-                  "re-parameterises that start (warm-up length 1). Full-batch steps until ‖ΔW − M*‖_F/‖M*‖_F ≤ "
-                  f"{su['tol']:g}, at each method's best learning rate from the grid (SGD {su['sgd_lrs']}, Adam "
-                  f"{su['adam_lrs']}); budget {su['max_steps']} steps; {su['dtype']}; {su['seconds']:.0f} s.", ""]
-        kappas = sorted({r["kappa"] for r in syn["rows"]})
-        cols = ["optimizer", "method"] + [f"κ={k:g}" for k in kappas]
-        rows = []
-        for opt in ("sgd", "adam"):
-            for m in sorted({r["method"] for r in syn["rows"]}):
-                row = {"optimizer": opt.upper(), "method": m}
-                for r in syn["rows"]:
-                    if r["optimizer"] == opt and r["method"] == m:
-                        row[f"κ={r['kappa']:g}"] = (f"{r['steps']} (lr {r['best_lr']:g})" if r["steps"] is not None
-                                                    else f">{su['max_steps']}")
-                rows.append(row)
-        lines += [_md_table(cols, rows), "", "![steps to target vs κ](synthetic_kappa.png)", "",
-                  "LoRA's effective full-space gradient is G·AᵀA + BBᵀ·G: the factors' squared singular values "
-                  "reweight the directions, so a skewed split slows the directions with small factor singular values. "
-                  "SDS-LoRA's is G·P_A + P_B·G, which does not depend on how the product is split. Adam's per-"
-                  "coordinate normalisation hides part of the effect.", ""]
-    lines += [f"## {st['task']}: {', '.join(st['methods'])}", "",
-              f"Model `{st['model']}`; targets {st['targets']} (excluding {st['exclude']}) = {st['adapted_layers']} "
-              f"layers at rank {st['ranks']}, α = {st['alpha']} ({st['scaling']}); trained in full in every method: "
-              f"{st['modules_to_save']}. {st['steps']} optimizer steps of batch {st['batch_size']}×{st['grad_accum']} "
-              f"(max length {st['max_length']}), AdamW, {st['scheduler']} schedule; seeds {st['seeds']}; evaluation "
-              f"on {st['n_eval']} examples (the task's evaluation split)"
-              + _baseline_text(st.get("baseline"), st.get("n_val")) + ". Metrics are mean ± half-width of the 95 % "
-              "t-interval over seeds (the mean alone with one seed). Learning rates: "
-              + "; ".join(f"{m} {v['lr']:g} ({v['source']})" for m, v in s["learning_rates"].items()) + ".", "",
-              _md_table(s["table_columns"], s["table"] + [r for r in [_table_baseline(s)] if r]), "",
-              f"Loss target: {st['loss_target']:.4f} ({st['loss_target_rule']}); steps = first step whose "
-              f"{WINDOW}-step running-mean train loss is at or below it. "
-              + ("CUDA peak memory / LoRA: measured peak allocation (torch.cuda.max_memory_allocated) of each run "
-                 "over LoRA's at the same rank." if any(g["memory_kind"] == "cuda_max_allocated"
-                                                        for g in s["groups"].values()) else
-                 "Adapter training state / LoRA (analytic): bytes counted from tensor sizes, not measured — adapter "
-                 "tensors (incl. SDS-LoRA's Q buffers) + gradients and two AdamW moments of every trainable parameter "
-                 "+ activations the adapter path saves (tokens × r, or 2r for SDS-LoRA), over LoRA's at the same "
-                 "rank. The frozen model's weights and activations, common to every method, are left out, so this "
-                 "ratio is far larger than that of the whole training state (docs/overhead.md, frozen model "
-                 "included: 1.009 for SDS-LoRA / LoRA)."), "",
-              TIMING_NOTE, "",
-              "![train loss](loss_curves.png)", "", "![metrics](metrics.png)", ""]
-    diag_rows = []
-    for g, v in s["groups"].items():
-        d = v["diagnostics_mean_over_probes"]
-        if d:
-            row = {"method": g}
-            for k in DIAG_KEYS:
-                row[k] = f"{d[k]['mean']:.3f}" if k in d and d[k]["mean"] is not None else "-"
-            diag_rows.append(row)
-    if diag_rows:
-        lines += ["## Diagnostics (mean over probes during training)", "",
-                  "cos_g_geff = cos(G, G̃) (full gradient vs the method's effective gradient), cos_geff_gstar = "
-                  "cos(G̃, G*) (vs the best gradient realisable in the current subspaces), erank = effective rank of "
-                  "the factor gradients, stable_rank_A of the A factor (docs/diagnostics.md). Full fine-tuning has no factors.", "",
-                  _md_table(["method", *DIAG_KEYS], diag_rows), "", "![diagnostics](diagnostics.png)", ""]
-    lines += ["Every number above is in `results.json`; per-run files (config, metrics.jsonl, adapter, PEFT export, "
-              "eval.json) are under `runs/`.", ""]
-    return "\n".join(lines)
