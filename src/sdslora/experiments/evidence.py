@@ -6,7 +6,7 @@
 ``docs/evidence/<setting>/setting.json`` describes a study (model, task, data sizes, steps, grids, seeds, majority
 or chance rate); ``docs/evidence/<setting>/runs/*.json`` holds one finished run each. For every setting this module
 re-derives what the study runner decided (per method and rank, the learning rate whose first-seed run scored best
-on the validation split: :func:`~sdslora.experiments.compare.select_lr`), gathers the seeds trained at that rate,
+on the validation split: :func:`~sdslora.experiments.lr_sweep.select_lr`), gathers the seeds trained at that rate,
 and reports the evaluation metrics as mean ± 95 % t-interval over seeds, the share of the LoRA -> full fine-tuning
 gap each other method closes (bootstrap interval; only where full − LoRA exceeds its own interval), the validation
 learning curves and an accuracy-vs-rank plot. A partial study (some runs missing) is reported as far as it goes.
@@ -14,249 +14,25 @@ learning curves and an accuracy-vs-rank plot. A partial study (some runs missing
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Any
 
-from .compare import select_lr, selection_key
+from .evidence_analysis import (  # noqa: F401  (NAMES, mean_curve, ...: importable from here)
+    DIAG,
+    DIAG_TITLES,
+    NAMES,
+    _by_seed,
+    _name,
+    _val_score,
+    analyse,
+    load_setting,
+    mean_curve,
+)
+from .evidence_plots import _plots
+from .lr_sweep import select_lr, selection_key  # noqa: F401  (importable from here as before)
 from .run_folder import write_json
-from .stats import diff_interval, gap_closed, mean, paired_interval, t_interval
-
-NAMES = {"lora": "LoRA", "sds": "SDS-LoRA", "sds:faithful": "SDS-LoRA (faithful)", "full": "full fine-tuning",
-         "dora": "DoRA", "pissa": "PiSSA"}
-DIAG = ("cos_g_geff", "cos_geff_gstar", "stable_rank_A", "stable_rank_B", "kappa_B", "erank_grad_B")
-DIAG_TITLES = {"cos_g_geff": "cos(G, G̃)", "cos_geff_gstar": "cos(G̃, G*)", "stable_rank_A": "stable rank of A",
-               "stable_rank_B": "stable rank of B", "kappa_B": "condition number of B",
-               "erank_grad_B": "effective rank of ∇B"}
 
 
-def _name(label: str) -> str:
-    return NAMES.get(label, label)
-
-
-def load_setting(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(setting.json, the run summaries) of one study folder; unreadable run files raise ValueError naming them."""
-    setting = json.loads((folder / "setting.json").read_text())
-    runs = []
-    for f in sorted((folder / "runs").glob("*.json")):
-        try:
-            runs.append(json.loads(f.read_text()))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"evidence file {f} is not valid JSON ({e}); delete it and re-run the study to redo it") \
-                from e
-    return setting, runs
-
-
-def analyse(setting: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per (method label, rank): the sweep, the chosen learning rate, the seeds at it and their statistics; then
-    the gap closed by every method relative to LoRA and full fine-tuning at each rank."""
-    primary = setting["primary_metric"]
-    metric = primary if setting["kind"] == "classification" else None
-    sweep_seed = setting["seeds"][0]
-    groups: dict[tuple[str, int | None], list[dict[str, Any]]] = {}
-    for run in runs:
-        label = run["method"]
-        r = None if label == "full" else int(run["r"])
-        groups.setdefault((label, r), []).append(run)
-    order = {m: i for i, m in enumerate(setting["methods"])}
-    out_groups = []
-    for (label, r), rs in sorted(groups.items(), key=lambda kv: (kv[0][1] is None, kv[0][1] or 0, order.get(kv[0][0], 99))):
-        sweep = {float(x["lr"]): x for x in rs if x["seed"] == sweep_seed}
-        if not sweep:
-            continue
-        best, edge = select_lr({lr: selection_key(x, metric) for lr, x in sweep.items()})
-        at = sorted((x for x in rs if float(x["lr"]) == best), key=lambda x: x["seed"])
-        ev = [x["eval"].get(primary) for x in at]
-        m, h = t_interval(ev)
-        other = {k: t_interval([x["eval"].get(k) for x in at]) for k in at[0]["eval"]
-                 if k not in ("n", primary, "examples") and isinstance(at[0]["eval"].get(k), (int, float))}
-        diag = {}
-        for k in DIAG:
-            last = [x["diagnostics"][k][-1][1] for x in at if (x.get("diagnostics") or {}).get(k)]
-            if last:
-                diag[k] = mean(last)
-        out_groups.append({
-            "label": label, "r": r, "lr": best, "bracketed": edge is None, "edge": edge,
-            "grid": {f"{lr:g}": _val_score(x, metric) for lr, x in sorted(sweep.items())},
-            "seeds": [x["seed"] for x in at], "values": ev, "mean": m, "ci95": h,
-            "other": {k: {"mean": v[0], "ci95": v[1]} for k, v in other.items()},
-            "val": mean([(x.get("val") or {}).get(primary if metric else "loss") for x in at]),
-            "val_loss": mean([(x.get("val") or {}).get("loss") for x in at]),
-            "final_train_loss": mean([x.get("final_train_loss") for x in at]),
-            "trainable_parameters": at[0].get("trainable_parameters"), "steps": at[0].get("steps"),
-            "diagnostics_last": diag, "runs": [x["run"] for x in at],
-        })
-    gaps = []
-    full = next((g for g in out_groups if g["label"] == "full"), None)
-    for g in out_groups:
-        if g["label"] in ("lora", "full") or full is None:
-            continue
-        lora = next((x for x in out_groups if x["label"] == "lora" and x["r"] == g["r"]), None)
-        if lora is None:
-            continue
-        gc = gap_closed(lora["values"], g["values"], full["values"])
-        gc["method_minus_lora"] = diff_interval(lora["values"], g["values"])
-        gc["method_minus_lora_paired"] = paired_interval(_by_seed(lora), _by_seed(g))
-        gaps.append({"label": g["label"], "r": g["r"], **gc})
-    lora_gaps = []
-    if full is not None:
-        for lora in (x for x in out_groups if x["label"] == "lora"):
-            di = diff_interval(lora["values"], full["values"])
-            lora_gaps.append({"r": lora["r"], "full_minus_lora": (full["mean"] or 0) - (lora["mean"] or 0),
-                              "interval": di, "significant": di is not None and di[0] > 0,
-                              "paired": paired_interval(_by_seed(lora), _by_seed(full))})
-    wall = sum(x.get("train_wall_s") or 0.0 for x in runs)
-    machines = sorted({f"{m.get('processor')}, {m.get('cpu_count')} CPUs, torch {m.get('torch')}"
-                       + (f", GPU {m['gpu']}" if m.get("gpu") else "") for m in (x.get("machine") for x in runs) if m})
-    by_run = {x["run"]: x for x in runs}
-    key = primary if metric else "loss"
-    convergence = {}
-    for g in out_groups:
-        c = mean_curve([by_run[n] for n in g["runs"]], key)
-        if len(c) >= 3:
-            last = c[-1]
-            q = min(c, key=lambda p: abs(p[0] - 0.75 * last[0]))
-            best = (max if metric else min)(c, key=lambda p: p[1])
-            convergence[f"{g['label']}|{g['r']}"] = {"key": key, "at_three_quarters": q, "final": last, "best": best}
-    return {"groups": out_groups, "gaps": gaps, "lora_gaps": lora_gaps, "n_runs": len(runs), "train_wall_s": wall,
-            "convergence": convergence, "machines": machines}
-
-
-def mean_curve(runs: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
-    """The validation curve of ``key`` averaged over runs, on the steps all of them measured."""
-    curves = [{p["step"]: p.get(key) for p in x.get("curve") or []} for x in runs]
-    if not curves:
-        return []
-    steps = sorted(set.intersection(*(set(c) for c in curves)))
-    out = []
-    for s in steps:
-        m = mean([c[s] for c in curves])
-        if m is not None:
-            out.append((s, m))
-    return out
-
-
-def _by_seed(g: dict[str, Any]) -> dict[int, float]:
-    return dict(zip(g["seeds"], g["values"]))
-
-
-def _val_score(run: dict[str, Any], metric: str | None) -> float | None:
-    v = (run.get("val") or {}).get(metric if metric else "loss")
-    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
-
-
-# ---- plots -------------------------------------------------------------------------------------------------------
-def _plots(name: str, setting: dict[str, Any], runs: list[dict[str, Any]], an: dict[str, Any], out_dir: Path
-           ) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    primary = setting["primary_metric"]
-    key = primary if setting["kind"] == "classification" else "loss"
-    by_run = {x["run"]: x for x in runs}
-    files = []
-    ranks = sorted({g["r"] for g in an["groups"] if g["r"] is not None})
-    full = next((g for g in an["groups"] if g["label"] == "full"), None)
-    if ranks:
-        fig, axes = plt.subplots(1, len(ranks), figsize=(4.6 * len(ranks), 3.6), squeeze=False, sharey=True)
-        for ax, r in zip(axes[0], ranks):
-            for g in [x for x in an["groups"] if x["r"] == r] + ([full] if full else []):
-                curves = [by_run[n]["curve"] for n in g["runs"] if by_run[n].get("curve")]
-                if not curves:
-                    continue
-                n = min(len(c) for c in curves)
-                steps = [c["step"] for c in curves[0][:n]]
-                vals = [[c[i].get(key) for c in curves] for i in range(n)]
-                ms = [mean(v) for v in vals]
-                line, = ax.plot(steps, ms, marker="o", ms=3,
-                                label=f"{_name(g['label'])} (lr {g['lr']:g}, {len(curves)} seed{'s' * (len(curves) > 1)})")
-                if len(curves) > 1:
-                    lo = [min(x for x in v if x is not None) for v in vals]
-                    hi = [max(x for x in v if x is not None) for v in vals]
-                    ax.fill_between(steps, lo, hi, alpha=0.2, color=line.get_color())
-            vb = setting.get("val_baseline") or {}  # the curves are on the validation split: its own rate
-            if vb.get("primary") is not None and key == primary:
-                ax.axhline(vb["primary"], color="grey", ls="--", lw=1, label=f"{vb['kind']} rate (validation split)")
-            ax.set_title(f"rank {r}")
-            ax.set_xlabel("optimizer step")
-            ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel(f"validation {key} (mean, band = seed range)")
-        axes[0][-1].legend(fontsize=7)
-        fig.suptitle(f"{name}: learning curves on the validation split", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(out_dir / f"{name}_curves.png", dpi=110)
-        plt.close(fig)
-        files.append(f"{name}_curves.png")
-
-        fig, ax = plt.subplots(figsize=(5.6, 3.8))
-        labels = [m for m in setting["methods"] if m != "full"]
-        for j, lab in enumerate(labels):
-            gs = sorted((g for g in an["groups"] if g["label"] == lab and g["mean"] is not None), key=lambda g: g["r"])
-            if not gs:
-                continue
-            xs = [g["r"] * (1 + 0.04 * (j - len(labels) / 2)) for g in gs]
-            ax.errorbar(xs, [g["mean"] for g in gs], yerr=[g["ci95"] or 0 for g in gs], marker="o", capsize=4,
-                        label=_name(lab))
-        if full is not None and full["mean"] is not None:
-            ax.axhline(full["mean"], color="black", lw=1.2, label=f"{_name('full')} (mean)")
-            if full["ci95"]:
-                ax.axhspan(full["mean"] - full["ci95"], full["mean"] + full["ci95"], color="black", alpha=0.1)
-        base = (setting.get("baseline") or {}).get("primary")
-        if base is not None:
-            ax.axhline(base, color="grey", ls="--", lw=1, label=f"{setting['baseline']['kind']} rate")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ranks, [str(r) for r in ranks])
-        ax.set_xlabel("rank r")
-        ax.set_ylabel(f"evaluation {primary} (mean ± 95 % CI)")
-        ax.set_title(f"{name}: {primary} vs rank", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / f"{name}_rank.png", dpi=110)
-        plt.close(fig)
-        files.append(f"{name}_rank.png")
-
-        # the mechanism over training: diagnostics of the chosen runs, mean over seeds, one line per method/rank
-        keys = [k for k in DIAG if any((by_run[n].get("diagnostics") or {}).get(k) for g in an["groups"]
-                                       for n in g["runs"])]
-        if keys:
-            cols = min(3, len(keys))
-            rows_n = math.ceil(len(keys) / cols)
-            fig, axes = plt.subplots(rows_n, cols, figsize=(3.6 * cols, 3.0 * rows_n), squeeze=False)
-            for ax in axes.flat[len(keys):]:
-                ax.set_visible(False)
-            for ax, k in zip(axes.flat, keys):
-                for g in an["groups"]:
-                    cs = [by_run[n]["diagnostics"][k] for n in g["runs"] if (by_run[n].get("diagnostics") or {}).get(k)]
-                    if not cs:
-                        continue
-                    n = min(len(c) for c in cs)
-                    steps = [c[0] for c in cs[0][:n]]
-                    line, = ax.plot(steps, [mean([c[i][1] for c in cs]) for i in range(n)], marker="o", ms=3,
-                                    label=f"{_name(g['label'])} r={g['r']}")
-                    if len(cs) > 1:  # the seed range
-                        ax.fill_between(steps, [min(c[i][1] for c in cs) for i in range(n)],
-                                        [max(c[i][1] for c in cs) for i in range(n)], alpha=0.2,
-                                        color=line.get_color())
-                ax.set_title(DIAG_TITLES[k], fontsize=9)
-                ax.set_xlabel("optimizer step")
-                if k.startswith("kappa"):
-                    ax.set_yscale("log")
-                ax.grid(alpha=0.3)
-            for row in axes:
-                row[0].set_ylabel("mean over layers, seeds (band: range)")
-            axes.flat[len(keys) - 1].legend(fontsize=7)
-            fig.tight_layout()
-            fig.savefig(out_dir / f"{name}_diagnostics.png", dpi=110)
-            plt.close(fig)
-            files.append(f"{name}_diagnostics.png")
-    return files
-
-
-# ---- markdown ----------------------------------------------------------------------------------------------------
 def _f(x: float | None, d: int = 4) -> str:
     return "–" if x is None else f"{x:.{d}f}"
 
