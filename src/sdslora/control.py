@@ -25,69 +25,13 @@ from .distributed import (  # noqa: F401  (dist_rank, broadcast_from_rank0: impo
 )
 from .methods import StepOutcome, StepPlan, get_method
 from .model import AdaptedModel
-
-
-class _Snapshot:
-    """A copy of the adapter tensors taken before a duty, to put back if it fails: one flat buffer per (device,
-    dtype), so that copying, checking and restoring cost one call each, not several per tensor (the refresh runs at
-    almost every other step early in training, across every layer)."""
-
-    def __init__(self, tensors: list[torch.Tensor]) -> None:
-        self.groups: list[tuple[list[torch.Tensor], torch.Tensor]] = []
-        by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-        for x in tensors:
-            by_kind.setdefault((x.device, x.dtype), []).append(x)
-        with torch.no_grad():
-            for group in by_kind.values():
-                self.groups.append((group, torch.cat([x.detach().reshape(-1) for x in group])))
-
-    def finite(self) -> bool:
-        """Whether every floating-point value copied is finite (one reduction per group, one host sync)."""
-        return _finite_flags([flat for _, flat in self.groups])
-
-    @staticmethod
-    def all_finite(tensors: list[torch.Tensor]) -> bool:
-        """Whether every floating-point value in ``tensors`` is finite: a sum per tensor (NaN and Inf propagate
-        through it; an overflowing sum of finite values only sends the caller to the exact per-tensor scan)."""
-        return _finite_flags(tensors)
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        for group, flat in self.groups:
-            parts = torch.split(flat, [x.numel() for x in group])
-            torch._foreach_copy_(group, [p.view(x.shape) for p, x in zip(parts, group, strict=True)])
-
-
-def _finite_flags(tensors: list[torch.Tensor]) -> bool:
-    sums = [x.detach().sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-            for x in tensors if x.is_floating_point() and x.numel()]
-    if not sums:
-        return True
-    device = sums[0].device
-    return bool(torch.isfinite(torch.stack([v.to(device) for v in sums])).all())  # one host sync
-
-
-class NonFiniteError(FloatingPointError):
-    """Training produced NaN / Inf values where a method's duty needs finite ones (the model is left as it was
-    before the duty; the message names the step, the layer and the likely cause)."""
-
-
-NONFINITE_CAUSES = (
-    "likely causes: a learning rate too high for this model (the loss diverged), NaN/Inf in the inputs or the "
-    "loss, or float16 overflow (train in bf16 or fp32, keep adapter_dtype='float32')"
+from .nonfinite import (  # noqa: F401  (NonFiniteError, NONFINITE_CAUSES, _finite_flags: importable from here)
+    NONFINITE_CAUSES,
+    NonFiniteError,
+    _finite_flags,
+    _Snapshot,
 )
-
-
-def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside wrappers such as accelerate's ``AcceleratedOptimizer``."""
-    seen = 0
-    # accelerate's AcceleratedOptimizer subclasses torch.optim.Optimizer: follow `.optimizer` links regardless
-    while hasattr(getattr(optimizer, "optimizer", None), "param_groups") and seen < 8:
-        optimizer = optimizer.optimizer
-        seen += 1
-    if not hasattr(optimizer, "state") or not hasattr(optimizer, "param_groups"):
-        raise TypeError(f"expected a torch optimizer, got {type(optimizer).__name__}")
-    return optimizer
+from .optimizer_state import OptimizerStateOps, unwrap_optimizer
 
 
 def find_adapted_model(model: nn.Module) -> AdaptedModel:
@@ -110,7 +54,7 @@ def find_adapted_model(model: nn.Module) -> AdaptedModel:
     return model
 
 
-class Controller:
+class Controller(OptimizerStateOps):
     """Drives the per-step duties of the attached method.
 
     Args:
@@ -315,43 +259,6 @@ class Controller:
                     "adapter_dtype='float32' (the default) or use eps >= 1e-6.", stacklevel=3)
                 return
 
-    # keys of torch Adam/AdamW state that hold per-element first / second moments
-    FIRST_MOMENTS = ("exp_avg", "momentum_buffer")
-    SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")
-
-    def map_optimizer_state(self, maps: list[tuple[nn.Parameter, torch.Tensor | None, torch.Tensor | None]]) -> None:
-        """Carry optimizer state into a parameter's new coordinates, in which its gradient reads
-        ``g' = L g R`` (``L``/``R`` None = identity): first moments ``m' = L m R``; second moments, exact when the
-        gradient's entries are uncorrelated, ``v' = (L∘L) v (R∘R)``; step counters kept. A state holding any other
-        tensor of the parameter's shape (an optimizer this does not know) or sharded (DTensor) is cleared instead."""
-        if self.optimizer is None:
-            return
-        dtensor = dtensor_type()
-        with torch.no_grad():
-            for p, left, right in maps:
-                st = self.optimizer.state.get(p)
-                if not st:
-                    continue
-                known = (*self.FIRST_MOMENTS, *self.SECOND_MOMENTS)
-                unknown = [k for k, v in st.items() if torch.is_tensor(v) and v.shape == p.shape and k not in known]
-                sharded = dtensor is not None and any(isinstance(v, dtensor) for v in st.values())
-                if unknown or sharded:
-                    self.optimizer.state.pop(p, None)
-                    continue
-                for key in known:
-                    v = st.get(key)
-                    if not torch.is_tensor(v):
-                        continue
-                    sq = key in self.SECOND_MOMENTS
-                    x = v.float() if v.dtype != torch.float64 else v
-                    if left is not None:
-                        lm = left.to(x)
-                        x = (lm * lm if sq else lm) @ x
-                    if right is not None:
-                        rm = right.to(x)
-                        x = x @ (rm * rm if sq else rm)
-                    v.copy_(x.to(v.dtype))
-
     def _lr_groups(self) -> list[dict[str, Any]]:
         assert self.optimizer is not None
         mine = {id(p) for p in self.model.adapter_parameters()}
@@ -402,73 +309,6 @@ class Controller:
             self._sync_checked = True
         return True
 
-    def replace_parameters(self, pairs: list[tuple[nn.Parameter, nn.Parameter, tuple[slice, ...] | None]]) -> None:
-        """Put ``new`` in the optimizer where ``old`` was (same param group, same position) and carry old's
-        per-element state (moments) into ``new[where]``, zeros elsewhere; scalar state (the step counter) is kept.
-        ``where=None`` drops old's state (it re-initialises lazily). For plans that change a parameter's shape (rank
-        growth); not under FSDP2 sharding."""
-        if self.optimizer is None:
-            return
-        for old, new, where in pairs:
-            found = False
-            for group in self.optimizer.param_groups:
-                for i, p in enumerate(group["params"]):
-                    if p is old:
-                        group["params"][i] = new
-                        found = True
-            if not found:
-                raise ValueError("replace_parameters(): the optimizer does not hold the replaced parameter")
-            state = self.optimizer.state.pop(old, None)
-            if not state or where is None:
-                continue
-            carried: dict[str, Any] = {}
-            for k, v in state.items():
-                if isinstance(v, torch.Tensor) and v.shape == old.shape and v.dim() > 0:
-                    nv = torch.zeros(new.shape, dtype=v.dtype, device=v.device)
-                    nv[where] = v
-                    carried[k] = nv
-                else:
-                    carried[k] = v
-            self.optimizer.state[new] = carried
-
-    def prune_optimizer_state(self, pairs: list[tuple[nn.Parameter, float]]) -> None:
-        """Zero the share ``p`` of the entries of each parameter's moments (ReLoRA's partial optimizer reset): the
-        entries with the smallest second moment, in the first and second moments alike; step counters are kept.
-        State this Controller does not
-        know (another optimizer's tensors of the parameter's shape) or sharded state is cleared instead."""
-        if self.optimizer is None:
-            return
-        dtensor = dtensor_type()
-        known = (*self.FIRST_MOMENTS, *self.SECOND_MOMENTS)
-        with torch.no_grad():
-            for p, share in pairs:
-                st = self.optimizer.state.get(p)
-                if not st:
-                    continue
-                unknown = [k for k, v in st.items() if torch.is_tensor(v) and v.shape == p.shape and k not in known]
-                if unknown or (dtensor is not None and any(isinstance(v, dtensor) for v in st.values())):
-                    self.optimizer.state.pop(p, None)
-                    continue
-                moments = [st[k] for k in known if torch.is_tensor(st.get(k)) and st[k].numel() > 0]
-                if not moments:
-                    continue
-                # one mask for all moments of the parameter, by the second moment's magnitude where there is one: a
-                # first moment kept without its second moment would be divided by ~eps (an exploding step)
-                ranked = next((st[k] for k in self.SECOND_MOMENTS if torch.is_tensor(st.get(k))), moments[0])
-                keep = ranked.numel() - int(round(share * ranked.numel()))
-                mask = torch.zeros(ranked.numel(), dtype=torch.bool, device=ranked.device)
-                if keep > 0:
-                    mask[ranked.reshape(-1).abs().topk(keep).indices] = True
-                for v in moments:
-                    v.view(-1).masked_fill_(~mask, 0)
-
-    def reset_optimizer_state(self, params: list[nn.Parameter]) -> None:
-        """Forget the optimizer state (moments and step counters) of ``params``; they re-initialise lazily."""
-        if self.optimizer is None:
-            return
-        for p in params:
-            self.optimizer.state.pop(p, None)
-
     def state_dict(self) -> dict[str, Any]:
         return {"t": self.t, "total_steps": self.total_steps, "method": self.model.adapter_config.method,
                 "events": list(self.events)}
@@ -499,4 +339,3 @@ class Controller:
             )
         self.t = int(state.get("t", 0))
         self.events = list(state.get("events", []))
-
