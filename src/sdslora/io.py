@@ -29,7 +29,9 @@ from .adapter_format import (  # noqa: F401  (FORMAT_VERSION, read_adapter_meta,
     read_adapter_meta,
 )
 from .config import AdapterConfig
-from .distributed import dist_rank
+from .distributed import dist_rank, dtensor_type, gathered_adapter_tensors  # noqa: F401  (as before)
+from .linalg import svd_of_product  # noqa: F401  (importable from here as before)
+from .methods import get_method  # noqa: F401  (importable from here as before)
 from .model import AdaptedModel, attach_layers
 from .peft_export import _TASK_TYPES, _task_type, export_peft  # noqa: F401  (importable from here)
 from .staging import (  # noqa: F401  (STAGING_PREFIX, recover_folder, ...: importable from here)

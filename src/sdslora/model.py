@@ -18,7 +18,13 @@ from torch import nn
 from .adapted import AdaptedModel, _class_forward, _Forward, _ForwardDescriptor  # noqa: F401  (importable from here)
 from .config import AdapterConfig
 from .methods import METHODS, AdapterLayer, get_method
-from .methods.base import KIND_NAMES, layer_dims, layer_kind, layer_type_name
+from .methods.base import (  # noqa: F401  (supported_base: importable from here as before)
+    KIND_NAMES,
+    layer_dims,
+    layer_kind,
+    layer_type_name,
+    supported_base,
+)
 from .methods.quantised import refusal as quantised_refusal
 from .targets import (  # noqa: F401  (find_targets, _output_embedding_names, ...: importable from here)
     _matches,

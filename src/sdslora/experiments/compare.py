@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..config import parse_value  # noqa: F401  (importable from here as before)
+from ..methods import get_method  # noqa: F401  (importable from here as before)
 from .compare_config import (  # noqa: F401  (DEMO_LRS, demo_config, parse_method, ...: importable from here)
     DEMO_LRS,
     DEMO_STEPS,

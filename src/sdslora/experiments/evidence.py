@@ -31,6 +31,7 @@ from .evidence_analysis import (  # noqa: F401  (NAMES, mean_curve, ...: importa
 from .evidence_plots import _plots
 from .lr_sweep import select_lr, selection_key  # noqa: F401  (importable from here as before)
 from .run_folder import write_json
+from .stats import diff_interval, gap_closed, mean, paired_interval, t_interval  # noqa: F401  (as before)
 
 
 def _f(x: float | None, d: int = 4) -> str:
