@@ -87,6 +87,12 @@ METHOD_TABLE: tuple[tuple[str, str, str, str], ...] = (
         'Bershatsky et al. 2024, arXiv 2402.01376',
     ),
     (
+        'vera',
+        'VeRA, ΔW_l = s·diag(b_l)·B·diag(d_l)·A, frozen random A, B shared by every layer, only d_l and b_l train',
+        'd_initial=0.1, projection_seed=0',
+        'Kopiczko, Blankevoort, Asano 2024, arXiv 2310.11454',
+    ),
+    (
         'lora_grow',
         "LoRA whose rank grows r -> grow_to during training along the unreachable gradient's top "
         'directions',

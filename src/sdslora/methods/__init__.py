@@ -23,6 +23,7 @@ from .quantised import QuantisedMergeError, dequantize_bases
 from .restart import ReLoRALayer, ReLoRAOptions, ReLoRAPlan, ReLoRASDSLayer, ReLoRASDSOptions, ReLoRASDSPlan
 from .sds import OrthogonalLayer, SDSLayer, SDSOptions, SDSPlan
 from .shared import LoTRLayer, LoTROptions
+from .vera import VeRALayer, VeRAOptions
 from .xs import SBLayer, SBOptions, XSLayer, XSOptions
 
 
@@ -101,6 +102,11 @@ METHODS: dict[str, MethodSpec] = {
         "lotr", LoTRLayer, LoTROptions,
         "LoTR, ΔW_l = s·U·C_l·Vᵀ, U and V shared across the depth (per module name or shape), Tucker-2 across layers",
         "Bershatsky et al. 2024, arXiv 2402.01376",
+    ),
+    "vera": MethodSpec(
+        "vera", VeRALayer, VeRAOptions,
+        "VeRA, ΔW_l = s·diag(b_l)·B·diag(d_l)·A, frozen random A, B shared by every layer, only d_l and b_l train",
+        "Kopiczko, Blankevoort, Asano 2024, arXiv 2310.11454",
     ),
     "lora_grow": MethodSpec(
         "lora_grow", GrowLoRALayer, GrowOptions,
