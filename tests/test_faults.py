@@ -141,6 +141,64 @@ def test_duty_that_produces_nonfinite_values_is_rolled_back(monkeypatch):
     assert ctl.t == 2 and all(layer.decoupled for layer in model.adapter_layers().values())
 
 
+def _to_first_refresh(**options):
+    """An SDS run past its re-parameterisation (step 2) whose next duty, step 4, is a refresh (every:2)."""
+    model = sdslora.attach(tiny_llama(), _cfg(options={"warmup_steps": 2, "refresh": "every:2", **options}))
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    ctl = sdslora.Controller(model, opt, total_steps=20)
+    batch = batch_for(tiny_llama())
+    for _ in range(3):  # trained steps: B gains full rank, so that the refresh refreshes every layer
+        output_of(model, batch).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ctl.step()
+    assert ctl.plan.atomic(ctl.layers, 4) and not ctl.plan.atomic(ctl.layers, 2)
+    return model, ctl
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_factor_before_a_refresh_is_named_and_nothing_changes(bad):
+    model, ctl = _to_first_refresh()
+    name, layer = list(model.adapter_layers().items())[3]
+    with torch.no_grad():
+        layer.lora_A[1, 2] = bad
+    before = _adapter_tensors(model)
+    with pytest.raises(NonFiniteError, match=rf"optimizer step 4, layer '{name}' holds 1 NaN/Inf value\(s\) in "
+                                             r"lora_A.*learning rate too high"):
+        ctl.step()
+    after = _adapter_tensors(model)
+    assert all(torch.equal(before[k], after[k]) or (before[k].isnan() == after[k].isnan()).all() for k in before)
+    assert ctl.t == 3
+
+
+@pytest.mark.parametrize(
+    "align,match",
+    [
+        ("qr", "would hold NaN/Inf values after the basis refresh .nothing was written"),
+        ("preserve", "a factorisation in method 'sds''s duty failed .* left as it was"),  # its Procrustes SVD fails
+    ],
+)
+def test_refresh_that_would_produce_nonfinite_values_writes_nothing(monkeypatch, align, match):
+    import sdslora.methods.sds as sds_mod
+
+    model, ctl = _to_first_refresh(refresh_align=align)
+    before = _adapter_tensors(model)
+    real = sds_mod.qr_signfixed
+
+    def poisoned(x):
+        q, d = real(x)
+        return q * float("inf"), d
+
+    monkeypatch.setattr(sds_mod, "qr_signfixed", poisoned)
+    with pytest.raises(NonFiniteError, match=match):
+        ctl.step()
+    after = _adapter_tensors(model)
+    assert all(torch.equal(before[k], after[k]) for k in before) and ctl.t == 3
+    monkeypatch.undo()
+    ctl.step()  # the same step now succeeds
+    assert ctl.t == 4 and ctl.events[-1]["event"] == "refresh"
+
+
 def test_large_finite_factors_whose_sum_overflows_are_not_called_nonfinite(monkeypatch):
     # the Controller checks finiteness with one sum over all adapter tensors of a dtype; a sum that overflows
     # float32 although every value is finite must send it to the exact per-tensor scan, which finds nothing

@@ -181,38 +181,21 @@ class Controller(OptimizerStateOps):
             self.t = new_t
             return StepOutcome()
         broadcast = self._sync_now()
+        atomic = self.plan.atomic(self.layers, new_t)
         with gathered_adapter_tensors(self.layers, broadcast=broadcast) as alias:
             # inside the block the layers hold full (gathered) tensors; raising here skips the write-back into
             # FSDP2 shards, and the snapshot below restores unsharded tensors, so a failed duty changes nothing
-            # the tensor objects and ranks too: a duty may replace parameters by new ones (rank growth) and then fail
-            held = [(layer, layer.adapter_tensors(), layer.r) for layer in self.layers]
-            snapshot = _Snapshot([t_ for _, tensors, _ in held for t_ in tensors.values()])
-            if not snapshot.finite():
-                self._check_finite(new_t, "before")
-            try:
-                out = self.plan.run(self.layers, new_t)
-                if not _Snapshot.all_finite(
-                    [t_ for layer in self.layers for t_ in layer.adapter_tensors().values()]
-                ):
-                    self._check_finite(new_t, "after")
-            except Exception as e:
-                for layer, tensors, r in held:
-                    for name, obj in tensors.items():
-                        if getattr(layer, name) is not obj:
-                            setattr(layer, name, obj)
-                    layer.r = r
-                snapshot.restore()
-                for layer in self.layers:
-                    layer.sync_state()
-                if isinstance(e, NonFiniteError):
-                    raise
-                if isinstance(e, torch.linalg.LinAlgError) or "non-finite" in str(e):
+            if atomic:  # the duty checks its inputs and results and writes only at its end: nothing to roll back
+                try:
+                    out = self.plan.run(self.layers, new_t)
+                except NonFiniteError as e:
+                    self._check_finite(new_t, "before")  # names the layer when the factors were bad already
                     raise NonFiniteError(
-                        f"step {new_t}: a factorisation in method {self.model.method!r}'s duty failed ({e}); the "
-                        f"adapter was left as it was before the duty. {NONFINITE_CAUSES}"
-                    ) from e
-                raise
-            del snapshot
+                        f"after optimizer step {new_t}, method {self.model.method!r}'s duty: {e}") from e
+                except Exception as e:
+                    self._raise_duty_error(new_t, e)
+            else:
+                out = self._run_with_rollback(new_t)
         if broadcast:  # state derived from the broadcast tensors (phase flags, a re-based weight) follows them
             for layer in self.layers:
                 layer.sync_state()
@@ -227,6 +210,41 @@ class Controller(OptimizerStateOps):
             self.map_optimizer_state([(alias.get(id(p), p), left, right) for p, left, right in out.state_maps])
         self.events.extend(out.events)
         return out
+
+    def _run_with_rollback(self, t: int) -> StepOutcome:
+        """Run the duty of step ``t`` from a snapshot of every adapter tensor, checked finite before and after; on any
+        failure the tensors, the tensor objects and the ranks are put back (a duty may replace parameters by new
+        ones, as rank growth does, and then fail)."""
+        held = [(layer, layer.adapter_tensors(), layer.r) for layer in self.layers]
+        snapshot = _Snapshot([t_ for _, tensors, _ in held for t_ in tensors.values()])
+        if not snapshot.finite():
+            self._check_finite(t, "before")
+        try:
+            out = self.plan.run(self.layers, t)
+            if not _Snapshot.all_finite([t_ for layer in self.layers for t_ in layer.adapter_tensors().values()]):
+                self._check_finite(t, "after")
+        except Exception as e:
+            for layer, tensors, r in held:
+                for name, obj in tensors.items():
+                    if getattr(layer, name) is not obj:
+                        setattr(layer, name, obj)
+                layer.r = r
+            snapshot.restore()
+            for layer in self.layers:
+                layer.sync_state()
+            self._raise_duty_error(t, e)
+        return out
+
+    def _raise_duty_error(self, t: int, e: Exception) -> None:
+        """Re-raise a failed duty's error; a factorisation that met non-finite values as :class:`NonFiniteError`."""
+        if isinstance(e, NonFiniteError):
+            raise e
+        if isinstance(e, torch.linalg.LinAlgError) or "non-finite" in str(e):
+            raise NonFiniteError(
+                f"step {t}: a factorisation in method {self.model.method!r}'s duty failed ({e}); the "
+                f"adapter was left as it was before the duty. {NONFINITE_CAUSES}"
+            ) from e
+        raise e
 
     def _check_finite(self, t: int, when: str) -> None:
         """Raise :class:`NonFiniteError` naming the first adapter tensor that holds NaN/Inf (the slow, per-tensor

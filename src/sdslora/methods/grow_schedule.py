@@ -239,6 +239,9 @@ class SDSGrowPlan(_GrowSchedule, SDSPlan):
     def due(self, t: int) -> bool:
         return SDSPlan.due(self, t) or self._grow_due(t)
 
+    def atomic(self, layers: list[Any], t: int) -> bool:
+        return not self._grow_due(t) and SDSPlan.atomic(self, layers, t)  # a growth replaces parameters: snapshot
+
     def run(self, layers: list[Any], t: int) -> StepOutcome:
         out = SDSPlan.run(self, layers, t) if SDSPlan.due(self, t) else StepOutcome()
         if not layers:

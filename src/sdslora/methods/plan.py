@@ -67,6 +67,13 @@ class StepPlan:
         """Multiplier on the adapter's learning rate for optimizer step ``t``, on top of any LR scheduler."""
         return 1.0
 
+    def atomic(self, layers: list[Any], t: int) -> bool:
+        """Whether the duty of step ``t`` is all-or-nothing by itself: it checks that its inputs and results are
+        finite (raising :class:`~sdslora.nonfinite.NonFiniteError` before writing anything) and writes every
+        result in one final step. The Controller then skips its snapshot and its own checks (SDS-LoRA's refresh,
+        due at almost every other step early in a run). Default: False (the Controller snapshots and checks)."""
+        return False
+
     def first_duty(self) -> int | None:
         """The first step with a duty within ``total_steps`` (None: none falls in the run)."""
         if not self.acts or self.total_steps is None:

@@ -32,13 +32,14 @@ U(Σ − I)Vᵀ, so ΔW = s (B A + O_B O_A) and ΔW is unchanged by the re-param
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..linalg import qr_signfixed, svd_of_product
+from ..nonfinite import NONFINITE_CAUSES, NonFiniteError
 from .base import AdapterLayer
 from .lora import lora_init
 from .sds_schedule import (  # noqa: F401  (importable from here: the method's options and schedule)
@@ -61,6 +62,15 @@ def _polar(m: torch.Tensor) -> torch.Tensor:
 def _lowrank_fro2(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """‖left @ right.T‖_F² in O((m+n)k²) without the dense product."""
     return ((left.mT @ left) * (right.mT @ right)).sum((-2, -1))
+
+
+def _require_finite(tensors: list[torch.Tensor], what: str) -> None:
+    """NonFiniteError unless every value of ``tensors`` is finite: one sum per tensor and one host sync (NaN and Inf
+    survive a sum; a sum of finite values that overflows is checked value by value)."""
+    sums = torch.stack([x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32) for x in tensors])
+    if bool(torch.isfinite(sums).all()) or all(bool(torch.isfinite(x).all()) for x in tensors):
+        return
+    raise NonFiniteError(f"an SDS-LoRA factor or basis {what}. {NONFINITE_CAUSES}")
 
 
 class _TwoBlockLinear(torch.autograd.Function):
@@ -172,6 +182,7 @@ class SDSLayer(_TwoPhase):
     """SDS-LoRA layer. Buffers ``lora_QA`` [r, in] (= Q_Aᵀ) and ``lora_QB`` [out, r]."""
 
     method = "sds"
+    atomic_refresh: ClassVar[bool] = True  # refresh_batch checks inputs and results, then writes once
 
     def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float, dtype: str, options: Any,
                  *, deferred: bool = False):
@@ -256,13 +267,17 @@ class SDSLayer(_TwoPhase):
         # run 2-3× faster on CPU than the same products with a tall [dim, r] one, and the QR's Q comes out that way.
         At = torch.stack([layer.lora_A for layer in layers])  # [L, r, n] = A
         Bt = torch.stack([layer.lora_B.mT for layer in layers])  # [L, r, m] = Bᵀ
+        old_qa = torch.stack([layer.lora_QA for layer in layers])  # [L, r, n] = Q_Aᵀ
+        old_qb = torch.stack([layer.lora_QB.mT for layer in layers])  # [L, r, m] = Q_Bᵀ
+        # a refresh either completes or changes nothing: its inputs and results are checked before anything is written
+        # (so the Controller takes no snapshot for it; see SDSPlan.atomic)
+        _require_finite([At, Bt, old_qa, old_qb], "holds NaN/Inf values before the basis refresh")
         qb, db = qr_signfixed(Bt.mT)  # [L, m, r]
         qa, da = qr_signfixed(At.mT)  # [L, n, r]
         ok = (db.amin(-1) > rtol * db.amax(-1)) & (da.amin(-1) > rtol * da.amax(-1))  # [L]
         ct = qa.dtype  # computation dtype of the QR (float32, or float64 for float64 adapters)
         qat, qbt = qa.mT, qb.mT  # Q_qr,Aᵀ [L, r, n], Q_qr,Bᵀ [L, r, m]
-        old_qa = torch.stack([layer.lora_QA for layer in layers]).to(ct)  # [L, r, n] = Q_Aᵀ
-        old_qb = torch.stack([layer.lora_QB.mT for layer in layers]).to(ct)  # [L, r, m] = Q_Bᵀ
+        old_qa, old_qb = old_qa.to(ct), old_qb.to(ct)
         At, Bt = At.to(ct), Bt.to(ct)
         r = At.shape[-2]
         # the small products every variant needs, one batched product per factor: Q_qrᵀ [factor | old basis]
@@ -301,15 +316,18 @@ class SDSLayer(_TwoPhase):
         new_qb = qbt if every else torch.where(keep, qbt, old_qb)
         dst: list[torch.Tensor] = []
         src: list[torch.Tensor] = []
-        for i, layer in enumerate(layers):
+        results = [new_qa, new_qb]
+        for layer in layers:
             dst += [layer.lora_QA, layer.lora_QB]
-            src += [new_qa[i], new_qb[i].mT]
+        src += [x for pair in zip(new_qa.unbind(0), new_qb.mT.unbind(0), strict=True) for x in pair]
         if align == "preserve":
             fa = new_a if every else torch.where(keep, new_a, At)
             fb = new_bt if every else torch.where(keep, new_bt, Bt)
-            for i, layer in enumerate(layers):
+            results += [fa, fb]
+            for layer in layers:
                 dst += [layer.lora_A, layer.lora_B]
-                src += [fa[i], fb[i].mT]
+            src += [x for pair in zip(fa.unbind(0), fb.mT.unbind(0), strict=True) for x in pair]
+        _require_finite(results, "would hold NaN/Inf values after the basis refresh (nothing was written)")
         torch._foreach_copy_(dst, src)  # one call for every layer (casts to each destination's dtype)
         return torch.stack([jump, sim_a, sim_b, ok.to(ct)], -1)
 

@@ -173,6 +173,16 @@ class SDSPlan(StepPlan):
             factor *= j / (n + 1)
         return factor
 
+    def atomic(self, layers: list[Any], t: int) -> bool:
+        """A refresh of layers whose batched refresh checks and writes all at once (SDSLayer's) is atomic; the
+        re-parameterisation (layer by layer) and the orthogonal ablation's retraction are not."""
+        o = self.options
+        if self.offset and t <= self.offset:
+            return False
+        tm = t - self.offset
+        return (tm != o.warmup_steps and refresh_due(tm, self.main_total, o)
+                and all(getattr(type(layer), "atomic_refresh", False) for layer in layers))
+
     def run(self, layers: list[Any], t: int) -> StepOutcome:
         out = StepOutcome()
         o = self.options
