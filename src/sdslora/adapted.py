@@ -18,15 +18,25 @@ from .targets import _set_module
 
 
 class _Forward:
-    """``AdaptedModel.forward``: calls the wrapped model and carries its signature (HF Trainer inspects it)."""
+    """``AdaptedModel.forward``: calls the wrapped model and carries its signature (HF Trainer inspects it). For a
+    method with a training penalty (AdaLoRA's orthogonality term) it adds the penalty to the output's ``loss`` while
+    training, as PEFT does."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, penalty: Any = None):
         self._model = model
+        self._penalty = penalty  # None for every method without a penalty: no per-call work
         with contextlib.suppress(TypeError, ValueError):
             self.__signature__ = inspect.signature(model.forward)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._model(*args, **kwargs)
+        out = self._model(*args, **kwargs)
+        if self._penalty is not None and self._model.training:
+            loss = getattr(out, "loss", None)
+            if isinstance(loss, torch.Tensor):
+                extra = self._penalty()
+                if extra is not None:
+                    out.loss = loss + extra.to(loss.dtype)
+        return out
 
 
 def _class_forward(self: Any, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
@@ -44,7 +54,7 @@ class _ForwardDescriptor:
             return _class_forward
         cached = obj.__dict__.get("_forward_cache")  # built once per wrapped model: no introspection per call
         if cached is None or cached._model is not obj.model:
-            cached = _Forward(obj.model)
+            cached = _Forward(obj.model, obj.regularization_loss if obj.has_regularization() else None)
             obj.__dict__["_forward_cache"] = cached
         return cached
 
@@ -63,6 +73,7 @@ class AdaptedModel(nn.Module):
         self.schedule_state: dict[str, Any] | None = None
         self._unloaded = False
         self._grad_flags: dict[int, tuple[nn.Parameter, bool]] = {}  # requires_grad before attach (for rollback)
+        self.training = model.training  # the wrapper reports the wrapped model's mode (an eval model stays eval)
         # the wrapped model knows its wrapper (weakly): a trainer handed the inner model still finds the adapter
         object.__setattr__(model, "_sdslora_adapted", weakref.ref(self))
 
@@ -110,6 +121,22 @@ class AdaptedModel(nn.Module):
     @property
     def method(self) -> str:
         return self.adapter_config.method
+
+    def has_regularization(self) -> bool:
+        """Whether the method adds a penalty to the training loss (AdaLoRA)."""
+        layers = self._layers
+        if not layers:
+            return False
+        own = type(next(iter(layers.values()))).regularization.__func__  # type: ignore[attr-defined]
+        return own is not AdapterLayer.regularization.__func__  # type: ignore[attr-defined]
+
+    def regularization_loss(self) -> torch.Tensor | None:
+        """The method's training penalty (AdaLoRA: ``orth_reg_weight`` × the mean ‖AAᵀ − I‖_F, ‖BᵀB − I‖_F), None
+        for methods without one. ``model(**batch)`` adds it to the output's ``loss`` while training; a training loop
+        that computes its own loss adds it itself: ``loss = loss_fn(...) + model.regularization_loss()``."""
+        if not self._layers:
+            return None
+        return type(next(iter(self._layers.values()))).regularization(self._layers)
 
     def adapter_layers(self) -> dict[str, AdapterLayer]:
         """Adapted module name (in the wrapped model) -> adapter layer."""

@@ -93,6 +93,12 @@ METHOD_TABLE: tuple[tuple[str, str, str, str], ...] = (
         'Kopiczko, Blankevoort, Asano 2024, arXiv 2310.11454',
     ),
     (
+        'adalora',
+        'AdaLoRA, ΔW = s·B·diag(E)·A, the rank budget pruned during training by importance (+ orthogonal penalty)',
+        'target_r=None, tinit=0, tfinal=0, deltaT=1, beta1=0.85, beta2=0.85, orth_reg_weight=0.5',
+        'Zhang et al. 2023, arXiv 2303.10512',
+    ),
+    (
         'lora_grow',
         "LoRA whose rank grows r -> grow_to during training along the unreachable gradient's top "
         'directions',

@@ -127,6 +127,12 @@ class Controller(OptimizerStateOps):
         self.optimizer = None if optimizer is None else unwrap_optimizer(optimizer)
         if self.optimizer is not None:
             self._warn_fp16_eps()
+        observes = self.plan.observes_gradients and bool(self.layers)
+        if observes and self.optimizer is None:
+            raise ValueError(
+                f"method {cfg.method!r} reads the gradients of every optimizer step: pass the optimizer to the "
+                "Controller (Controller(model, optimizer, total_steps=T))"
+            )
         if resets and self.optimizer is None:
             raise ValueError(f"method {cfg.method!r} resets optimizer state: pass the optimizer to the Controller")
         if self.optimizer is not None:
@@ -140,7 +146,7 @@ class Controller(OptimizerStateOps):
         self.t = 0
         self.events: list[dict[str, Any]] = []
         self._lr_saved: list[tuple[dict[str, Any], Any]] = []
-        if self.optimizer is not None and self.plan_cls.scales_lr(self.options):
+        if self.optimizer is not None and (self.plan_cls.scales_lr(self.options) or observes):
             # the method scales the adapter's learning rate by lr_factor(t) (a function of the step counter only,
             # so a resumed run continues exactly): around every optimizer.step(), on top of any LR scheduler
             # one set of hooks per optimizer: a new Controller on the same optimizer (re-created, resumed) replaces the
@@ -311,6 +317,8 @@ class Controller(OptimizerStateOps):
         for g, lr in self._lr_saved:  # give the scheduler back exactly its own value
             g["lr"] = lr
         self._lr_saved = []
+        if self.plan.observes_gradients:  # right after the step, before any zero_grad: the step's gradients
+            self.plan.observe(self.layers, self.t + 1)
 
     def _sync_now(self) -> bool:
         if self.sync is False or dist_world_size() == 1:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import check_field_types
+from .adalora import AdaLoRALayer, AdaLoRAOptions, AdaLoRAPlan
 from .base import AdapterLayer
 from .dora import DoRALayer, DoRAOptions
 from .grow import GrowLoRALayer, GrowSDSLayer
@@ -107,6 +108,11 @@ METHODS: dict[str, MethodSpec] = {
         "vera", VeRALayer, VeRAOptions,
         "VeRA, ΔW_l = s·diag(b_l)·B·diag(d_l)·A, frozen random A, B shared by every layer, only d_l and b_l train",
         "Kopiczko, Blankevoort, Asano 2024, arXiv 2310.11454",
+    ),
+    "adalora": MethodSpec(
+        "adalora", AdaLoRALayer, AdaLoRAOptions,
+        "AdaLoRA, ΔW = s·B·diag(E)·A, the rank budget pruned during training by importance (+ orthogonal penalty)",
+        "Zhang et al. 2023, arXiv 2303.10512", AdaLoRAPlan,
     ),
     "lora_grow": MethodSpec(
         "lora_grow", GrowLoRALayer, GrowOptions,

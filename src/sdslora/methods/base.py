@@ -211,6 +211,12 @@ class AdapterLayer(nn.Module):
         data-initialising) them, before the model is handed back; on the load path that is before the saved tensors
         are copied in. A shared tensor is one ``nn.Parameter`` registered in several layers. Default: nothing."""
 
+    @classmethod
+    def regularization(cls, layers: Mapping[str, AdapterLayer]) -> torch.Tensor | None:
+        """A penalty the method adds to the training loss, computed over all its layers (AdaLoRA's orthogonality
+        term); ``AdaptedModel`` adds it to the output's loss while training. Default: None (no penalty)."""
+        return None
+
     def sync_state(self) -> None:
         """Re-derive the layer's Python-side state (e.g. SDS-LoRA's phase flag) from its tensors after they were
         overwritten from outside (a loaded adapter, a rolled-back duty). Default: nothing."""

@@ -40,6 +40,7 @@ class StepPlan:
     """The plan of a method without per-step duties (and the base class of those with them)."""
 
     acts: ClassVar[bool] = False  # True: run() may change adapter tensors and optimizer state at some steps
+    observes_gradients: ClassVar[bool] = False  # True: observe() reads every optimizer step's gradients
 
     def __init__(self, options: Any, total_steps: int | None) -> None:
         self.options = options
@@ -66,6 +67,10 @@ class StepPlan:
     def lr_factor(self, t: int) -> float:
         """Multiplier on the adapter's learning rate for optimizer step ``t``, on top of any LR scheduler."""
         return 1.0
+
+    def observe(self, layers: list[Any], t: int) -> None:
+        """Called by the Controller right after optimizer step ``t`` (from the optimizer's step hook, while the
+        step's gradients are still there) when ``observes_gradients``: read them (AdaLoRA's importance scores)."""
 
     def atomic(self, layers: list[Any], t: int) -> bool:
         """Whether the duty of step ``t`` is all-or-nothing by itself: it checks that its inputs and results are
