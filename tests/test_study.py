@@ -125,6 +125,8 @@ def test_gap_closed_point_interval_and_significance():
     assert g["gap"] == pytest.approx(0.2)
     same = gap_closed(lora, sds, [0.49, 0.53, 0.56])  # full within LoRA's noise: no share is reported
     assert not same["gap_significant"] and same["point"] is None and same["gap_interval"][0] < 0
+    one = gap_closed(lora, [0.62], full)  # one seed of the method: the point, but no interval to claim
+    assert one["point"] == pytest.approx(0.5) and one["lo"] is None and one["hi"] is None
 
 
 def test_baseline_rate_is_the_majority_or_chance_rate():

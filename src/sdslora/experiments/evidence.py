@@ -38,6 +38,13 @@ def _f(x: float | None, d: int = 4) -> str:
     return "–" if x is None else f"{x:.{d}f}"
 
 
+def _share(g: dict[str, Any]) -> str:
+    """A share of the gap closed with its bootstrap interval (a method with one seed so far has none)."""
+    if g["lo"] is None:
+        return f"{g['point']:+.2f} (one seed: no interval)"
+    return f"{g['point']:+.2f} [{_f(g['lo'], 2)}, {_f(g['hi'], 2)}]"
+
+
 def _pm(m: float | None, h: float | None, n: int, d: int = 4) -> str:
     if m is None:
         return "–"
@@ -140,8 +147,7 @@ def _setting_md(name: str, setting: dict[str, Any], an: dict[str, Any], plots: l
             if x["point"] is None:
                 lines.append(f"- {_name(x['label'])}, rank {x['r']}: no significant gap to close; {diff}")
             else:
-                lines.append(f"- {_name(x['label'])}, rank {x['r']}: {x['point']:+.2f} [{_f(x['lo'], 2)}, "
-                             f"{_f(x['hi'], 2)}]; {diff}")
+                lines.append(f"- {_name(x['label'])}, rank {x['r']}: {_share(x)}; {diff}")
         lines.append("")
     diag_rows = [g for g in an["groups"] if g["diagnostics_last"]]
     if diag_rows:
@@ -185,7 +191,7 @@ def build_report(root: str | Path, out_md: str | Path) -> dict[str, Any]:
             iv = x["interval"]
             headline.append(f"| {name} | {x['r']} | {x['full_minus_lora']:+.4f}"
                             + (f" [{iv[0]:+.4f}, {iv[1]:+.4f}]" if iv else "") + f" | {'yes' if x['significant'] else 'no'} | "
-                            + "; ".join(f"{_name(g['label'])} {g['point']:+.2f} [{_f(g['lo'], 2)}, {_f(g['hi'], 2)}]"
+                            + "; ".join(f"{_name(g['label'])} {_share(g)}"
                                         if g["point"] is not None else f"{_name(g['label'])} –"
                                         for g in an["gaps"] if g["r"] == x["r"]) + " |")
     total = sum(s["train_wall_s"] for s in summary["settings"].values())

@@ -100,7 +100,8 @@ def gap_closed(lora: list[Any], method: list[Any], full: list[Any], *, n_boot: i
     """Share of the LoRA -> full fine-tuning gap that ``method`` closes, (m − l) / (f − l) on the seed means, with
     a percentile bootstrap interval (seeds resampled with replacement within each group, resamples whose gap is 0
     dropped). ``gap_significant``: the Welch interval of full − LoRA lies above 0; when it does not, the share is
-    not defined by the data and ``point`` is None (the interval of the gap is still returned)."""
+    not defined by the data and ``point`` is None (the interval of the gap is still returned). A group with a single
+    value gives the point without an interval (``lo``, ``hi`` None)."""
     lv, mv, fv = _finite(lora), _finite(method), _finite(full)
     out: dict[str, Any] = {"point": None, "lo": None, "hi": None, "gap": None, "gap_interval": None,
                            "gap_significant": False, "n": [len(lv), len(mv), len(fv)]}
@@ -114,6 +115,8 @@ def gap_closed(lora: list[Any], method: list[Any], full: list[Any], *, n_boot: i
     if not out["gap_significant"]:
         return out
     out["point"] = (mm - ml) / (mf - ml)
+    if min(len(lv), len(mv), len(fv)) < 2:  # one seed of a group has no spread to resample: no interval
+        return out
     rng = random.Random(seed)
     ratios = []
     for _ in range(n_boot):
