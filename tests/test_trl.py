@@ -27,6 +27,7 @@ SHORT_RUN_OPTIONS = {
     "orthogonal": {"warmup_steps": 2},
     "relora": {"restart_every": 2, "restart_warmup": 1},
     "relora_sds": {"restart_every": 3, "warmup_steps": 1, "restart_warmup": 1},
+    "adalora": {"target_r": 2, "tinit": 1, "tfinal": 1, "deltaT": 1},  # prunes 4 -> 2 per layer at steps 2-3
 }
 
 
@@ -67,6 +68,11 @@ def test_sft_trains_every_method(tok, tmp_path, method):
     if method in ("sds", "orthogonal"):
         events = [h for h in trainer.state.log_history if "sdslora/reparameterise/layers" in h]
         assert [h["step"] for h in events] == [2] and events[0]["sdslora/reparameterise/layers"] == 14
+    if method == "adalora":  # the Trainer clears gradients after the step: the budget saw them (pruned by them)
+        kept = sum(int((layer.lora_E != 0).sum()) for layer in model.adapter_layers().values())
+        assert kept <= 2 * len(model.adapter_layers())
+        assert any(float(layer.lora_ipt_E.abs().sum()) > 0 or bool(layer.lora_keep.any())
+                   for layer in model.adapter_layers().values())
 
 
 def test_sft_export_loads_in_peft_with_the_same_outputs(tok, tmp_path):
