@@ -48,3 +48,17 @@ def svd_of_product(left: torch.Tensor, right: torch.Tensor, r: int) -> tuple[tor
         u = ql @ uc[:, :r]
         v = qr_ @ vch.T[:, :r]
         return u, s[:r], v
+
+
+@torch.no_grad()
+def polar_factor(m: torch.Tensor) -> torch.Tensor:
+    """Orthogonal polar factor U Vᵀ of square matrices M = U Σ Vᵀ (batched): the rotation O maximising tr(Oᵀ M), i.e.
+    the solution of the orthogonal Procrustes problem."""
+    u, _s, vh = torch.linalg.svd(m)
+    return u @ vh
+
+
+def lowrank_fro2(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """‖left @ right.T‖_F² (batched) in O((m+n)k²) without the dense m × n product."""
+    return ((left.mT @ left) * (right.mT @ right)).sum((-2, -1))
+

@@ -45,6 +45,14 @@ def _finite_flags(tensors: list[torch.Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack([v.to(device) for v in sums])).all())  # one host sync
 
 
+def require_finite(tensors: list[torch.Tensor], message: str) -> None:
+    """Raise :class:`NonFiniteError` (``message``) unless every value of ``tensors`` is finite: one sum per tensor
+    and one host sync (a sum of finite values that overflows is checked value by value)."""
+    if _finite_flags(tensors) or all(bool(torch.isfinite(x).all()) for x in tensors if x.is_floating_point()):
+        return
+    raise NonFiniteError(message)
+
+
 class NonFiniteError(FloatingPointError):
     """Training produced NaN / Inf values where a method's duty needs finite ones (the model is left as it was
     before the duty; the message names the step, the layer and the likely cause)."""

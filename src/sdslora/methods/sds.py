@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..linalg import qr_signfixed, svd_of_product
-from ..nonfinite import NONFINITE_CAUSES, NonFiniteError
+from ..linalg import lowrank_fro2, polar_factor, qr_signfixed, svd_of_product
+from ..nonfinite import NONFINITE_CAUSES, require_finite
 from .base import AdapterLayer
 from .lora import lora_init
 from .sds_schedule import (  # noqa: F401  (importable from here: the method's options and schedule)
@@ -51,26 +51,6 @@ from .sds_schedule import (  # noqa: F401  (importable from here: the method's o
     refresh_due,
     refresh_steps,
 )
-
-
-def _polar(m: torch.Tensor) -> torch.Tensor:
-    """Orthogonal polar factor U Vᵀ of a square M = U Σ Vᵀ: the rotation O maximising tr(Oᵀ M) (Procrustes)."""
-    u, _s, vh = torch.linalg.svd(m)
-    return u @ vh
-
-
-def _lowrank_fro2(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """‖left @ right.T‖_F² in O((m+n)k²) without the dense product."""
-    return ((left.mT @ left) * (right.mT @ right)).sum((-2, -1))
-
-
-def _require_finite(tensors: list[torch.Tensor], what: str) -> None:
-    """NonFiniteError unless every value of ``tensors`` is finite: one sum per tensor and one host sync (NaN and Inf
-    survive a sum; a sum of finite values that overflows is checked value by value)."""
-    sums = torch.stack([x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32) for x in tensors])
-    if bool(torch.isfinite(sums).all()) or all(bool(torch.isfinite(x).all()) for x in tensors):
-        return
-    raise NonFiniteError(f"an SDS-LoRA factor or basis {what}. {NONFINITE_CAUSES}")
 
 
 class _TwoBlockLinear(torch.autograd.Function):
@@ -271,7 +251,8 @@ class SDSLayer(_TwoPhase):
         old_qb = torch.stack([layer.lora_QB.mT for layer in layers])  # [L, r, m] = Q_Bᵀ
         # a refresh either completes or changes nothing: its inputs and results are checked before anything is written
         # (so the Controller takes no snapshot for it; see SDSPlan.atomic)
-        _require_finite([At, Bt, old_qa, old_qb], "holds NaN/Inf values before the basis refresh")
+        require_finite([At, Bt, old_qa, old_qb],
+                       f"an SDS-LoRA factor or basis holds NaN/Inf values before the basis refresh. {NONFINITE_CAUSES}")
         qb, db = qr_signfixed(Bt.mT)  # [L, m, r]
         qa, da = qr_signfixed(At.mT)  # [L, n, r]
         ok = (db.amin(-1) > rtol * db.amax(-1)) & (da.amin(-1) > rtol * da.amax(-1))  # [L]
@@ -288,7 +269,7 @@ class SDSLayer(_TwoPhase):
         # basis similarity ‖Q_oldᵀ Q_new‖²/r depends only on the new span: the same for every align
         sim_a, sim_b = ma.pow(2).sum((-2, -1)) / r, mb.pow(2).sum((-2, -1)) / r
         if align != "qr":  # Procrustes: Q' = Q_qr·polar(Q_qrᵀ Q_old), the basis of the new span closest to the old
-            rot_a, rot_b = _polar(torch.cat([ma, mb])).chunk(2)  # one batched SVD for both factors
+            rot_a, rot_b = polar_factor(torch.cat([ma, mb])).chunk(2)  # one batched SVD for both factors
             qat, qbt = rot_a.mT @ qat, rot_b.mT @ qbt
         dqa, dqb = qat - old_qa, qbt - old_qb  # (Q_A' − Q_A)ᵀ, (Q_B' − Q_B)ᵀ
         if align == "preserve":
@@ -302,7 +283,7 @@ class SDSLayer(_TwoPhase):
             right = torch.cat([torch.baddbmm(At, a_qa, qat, alpha=-1), dqa], -2)  # [L, 2r, n]
         else:  # ΔW' − ΔW = s[(Q_B' − Q_B)A + B(Q_A' − Q_A)ᵀ]
             left, right = torch.cat([dqb, Bt], -2), torch.cat([At, dqa], -2)
-        jump2 = _lowrank_fro2(left.mT, right.mT)
+        jump2 = lowrank_fro2(left.mT, right.mT)
         # ‖ΔW/s‖² = ‖Q_B A + B Q_Aᵀ‖² = ‖A‖² + ‖B‖² + 2⟨Q_BᵀB, A Q_A⟩ (orthonormal old bases), from r×r blocks only:
         # B = Q_qr,B R_B and Aᵀ = Q_qr,A R_A, so ‖B‖ = ‖R_B‖, Q_BᵀB = (Q_qr,Bᵀ Q_B)ᵀ R_B, A Q_A = R_Aᵀ (Q_qr,Aᵀ Q_A)
         cross = ((mb.mT @ rb_) * (ra_.mT @ ma)).sum((-2, -1))
@@ -327,7 +308,8 @@ class SDSLayer(_TwoPhase):
             for layer in layers:
                 dst += [layer.lora_A, layer.lora_B]
             src += [x for pair in zip(fa.unbind(0), fb.mT.unbind(0), strict=True) for x in pair]
-        _require_finite(results, "would hold NaN/Inf values after the basis refresh (nothing was written)")
+        require_finite(results, "an SDS-LoRA factor or basis would hold NaN/Inf values after the basis refresh "
+                       f"(nothing was written). {NONFINITE_CAUSES}")
         torch._foreach_copy_(dst, src)  # one call for every layer (casts to each destination's dtype)
         return torch.stack([jump, sim_a, sim_b, ok.to(ct)], -1)
 
@@ -384,9 +366,9 @@ class OrthogonalLayer(_TwoPhase):
         ct = qa.dtype
         A, B = self.lora_A.to(ct), self.lora_B.to(ct)
         up, down = self._halves()
-        norm2 = _lowrank_fro2(up.to(ct), down.to(ct).T)
+        norm2 = lowrank_fro2(up.to(ct), down.to(ct).T)
         # jump = s (Q_B Q_Aᵀ − B A)
-        jump2 = _lowrank_fro2(torch.cat([qb, B], 1), torch.cat([qa.T, -A], 0).T)
+        jump2 = lowrank_fro2(torch.cat([qb, B], 1), torch.cat([qa.T, -A], 0).T)
         jump = (jump2.clamp_min(0) / norm2.clamp_min(1e-30)).sqrt()
         nan = torch.full((), float("nan"), device=jump.device)  # the retraction keeps the span: no basis drift
         sim_a, sim_b = nan, nan
