@@ -228,6 +228,9 @@ def test_evidence_report_rebuilds_the_runner_choices_and_intervals(study):
         vals = [r["eval"]["accuracy"] for r in summary["runs"] if r["method"] == g["label"]]
         assert g["mean"] == pytest.approx(sum(vals) / len(vals)) and sorted(g["values"]) == sorted(vals)
         assert g["ci95"] == pytest.approx(t_interval(vals)[1])
+        sweep = [r for r in summary["runs"] if r["method"] == g["label"] and r["seed"] == cc.seeds[0]]
+        if len(sweep) > 1:  # the rate the validation loss would have chosen, beside the metric's choice
+            assert g["lr_by_loss"] == min(sweep, key=lambda r: r["val"]["loss"])["lr"]
     text = (d / "evidence.md").read_text()
     assert "| 8 | LoRA |" in text and "full fine-tuning" in text and "Majority class" in text
     for p in an["plots"]:

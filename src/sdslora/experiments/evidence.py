@@ -38,6 +38,14 @@ def _f(x: float | None, d: int = 4) -> str:
     return "–" if x is None else f"{x:.{d}f}"
 
 
+def _lr_by_loss(g: dict[str, Any]) -> str:
+    """The rate the validation loss would have chosen; marked when it is not the one the metric chose."""
+    lr = g.get("lr_by_loss")
+    if lr is None or len(g["grid"]) < 2:
+        return "–"
+    return f"{lr:g}" + ("" if lr == g["lr"] else " (differs)")
+
+
 def _share(g: dict[str, Any]) -> str:
     """A share of the gap closed with its bootstrap interval (a method with one seed so far has none)."""
     if g["lo"] is None:
@@ -107,7 +115,7 @@ def _setting_md(name: str, setting: dict[str, Any], an: dict[str, Any], plots: l
               "", "```bash", *setting.get("commands", [setting.get("command", "")]), "```", ""]
     cols = ["rank", "method", f"eval {primary} (mean ± 95 % CI)", "other eval metrics",
             f"val {primary if setting['kind'] == 'classification' else 'loss'}", "lr (chosen)",
-            "grid: validation score per lr", "final train loss", "trainable params"]
+            "grid: validation score per lr", "lr by val loss", "final train loss", "trainable params"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for g in an["groups"]:
         grid = ", ".join(f"{lr}: {_f(v, 3)}" + (" ←" if float(lr) == g["lr"] else "") for lr, v in g["grid"].items())
@@ -117,7 +125,7 @@ def _setting_md(name: str, setting: dict[str, Any], an: dict[str, Any], plots: l
                           for k, v in g["other"].items())
         lines.append(f"| {g['r'] if g['r'] is not None else '–'} | {_name(g['label'])} | "
                      f"{_pm(g['mean'], g['ci95'], len(g['values']))} | {other or '–'} | {_f(g['val'])} | {g['lr']:g} | "
-                     f"{grid} | {_f(g['final_train_loss'])} | {g['trainable_parameters']:,} |")
+                     f"{grid} | {_lr_by_loss(g)} | {_f(g['final_train_loss'])} | {g['trainable_parameters']:,} |")
     lines.append("")
     conv = an.get("convergence", {}).get("full|None")
     if conv:

@@ -63,8 +63,12 @@ def analyse(setting: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, An
             last = [x["diagnostics"][k][-1][1] for x in at if (x.get("diagnostics") or {}).get(k)]
             if last:
                 diag[k] = mean(last)
+        losses = {lr: _val_score(x, None) for lr, x in sweep.items()}
+        losses = {lr: v for lr, v in losses.items() if v is not None}
         out_groups.append({
             "label": label, "r": r, "lr": best, "bracketed": edge is None, "edge": edge,
+            # the rate the validation loss would have chosen (a robustness check of the choice by the metric)
+            "lr_by_loss": min(losses, key=lambda lr: losses[lr]) if losses else None,
             "grid": {f"{lr:g}": _val_score(x, metric) for lr, x in sorted(sweep.items())},
             "seeds": [x["seed"] for x in at], "values": ev, "mean": m, "ci95": h,
             "other": {k: {"mean": v[0], "ci95": v[1]} for k, v in other.items()},
