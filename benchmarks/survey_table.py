@@ -137,6 +137,19 @@ def _write(rows: list[dict[str, Any]], setting: dict[str, Any], out_md: Path) ->
         "earlier run of the process had already reached it).",
         "",
     ]
+    compared = [x for x in done if x["vs_ref"] is not None and x["label"] != "full"]
+    if compared:
+        better = [x["what"] for x in compared if x["vs_ref"][0] > 0]
+        worse = [x["what"] for x in compared if x["vs_ref"][1] < 0]
+        lines += [
+            "**Reading.** Against LoRA at r = 8 (Welch 95 %): "
+            + (f"better: {'; '.join(better)}. " if better else "no measured adapter is better beyond the interval. ")
+            + (f"Worse: {'; '.join(worse)}. " if worse else "None is worse beyond it either. ")
+            + "At this budget (300 steps) none of these levers helps measurably; what differs is what they cost. "
+            "ReLoRA keeps the merged update and a copy of the frozen weight for every adapted layer, which is why its "
+            "adapter tensors weigh as much as the layers themselves.",
+            "",
+        ]
     growth = [x for x in done if x.get("grow")]
     if growth:
         lines += [
