@@ -108,9 +108,6 @@ class AdaLoRALayer(AdapterLayer):
         """(A, B diag(E)): the pair whose product is ΔW / s."""
         return self.lora_A.detach(), (self.lora_B * self.lora_E).detach()
 
-    def activation_width(self) -> int:
-        return self.r
-
     @classmethod
     def regularization(cls, layers: Mapping[str, AdapterLayer]) -> torch.Tensor | None:
         """``orth_reg_weight`` × the mean over every A and B of ‖AAᵀ − I‖_F and ‖BᵀB − I‖_F (PEFT's penalty)."""

@@ -237,8 +237,8 @@ class SDSLayer(_TwoPhase):
     @torch.no_grad()
     def refresh_batch(cls, layers: list[Any], rtol: float, align: str = "qr") -> torch.Tensor:
         """Basis refresh (docs/algorithm.md) of layers of identical shape, batched (one QR call per factor for the whole
-        group, no host synchronisation). ``align``: "qr" (the paper: sign-fixed QR bases, A and B kept);
-        "procrustes": the orthonormal basis of the new span closest to the old basis, Q' = Q_qr·polar(Q_qrᵀ Q_old)
+        group; host syncs only for the finiteness checks and to skip the selection of kept bases). ``align``: "qr"
+        (the paper: sign-fixed QR bases, A and B kept); "procrustes": the orthonormal basis of the new span closest to the old basis, Q' = Q_qr·polar(Q_qrᵀ Q_old)
         (A and B kept; ΔW unchanged when the spans are); "preserve": the Procrustes bases and A, B re-expressed,
         A' = A − (Q_B'ᵀB)(Q_A' − Q_A)ᵀ, B' = B − (Q_B' − Q_B)(A Q_A'), so that ΔW is unchanged exactly. A layer whose
         factor is numerically rank deficient (min diag|R| ≤ rtol·max diag|R|) keeps its bases. Returns [L, 4]:
