@@ -13,6 +13,15 @@ echo "== reproduction claim 1: the ablation at rank 8 (docs/reproduction.md)"
 sdslora compare $C --seeds 0,1,2 $EV --ranks 8 --methods orthogonal,sds:faithful \
   --lr-sweep orthogonal=1e-4,3e-4,1e-3,3e-3 --lr-sweep sds:faithful=1e-4,3e-4,1e-3,3e-3 -o runs/study-sst2-ablation
 
+echo "== evidence: rank 4 with its own grids (the smallest rank with anisotropy, and a gap)"
+sdslora compare $C --seeds 0,1,2 $EV --ranks 4 --methods lora,sds --lr-sweep lora=3e-4,1e-3,3e-3,1e-2 \
+  --lr-sweep sds=1e-4,3e-4,1e-3,3e-3 -o runs/study-sst2-r4
+
+echo "== evidence: rank 1 at twice the steps (does the gap hold once full fine-tuning has converged?)"
+sdslora compare ${C/--steps 300/--steps 600} --seeds 0,1,2 --evidence docs/evidence/minilm-sst2-600steps --ranks 1 \
+  --methods full,lora,sds --widen 0 --lr-sweep full=3e-5,1e-4 --lr-sweep lora=1e-3,3e-3 --lr-sweep sds=3e-4,1e-3 \
+  -o runs/study-sst2-600
+
 echo "== survey adapters (docs/survey-methods.md)"
 sdslora compare $C --seeds 0,1,2 $EV --ranks 8 --methods relora,relora_sds --widen 0 --lr-sweep relora=1e-3 \
   --lr-sweep relora_sds=1e-3 -o runs/study-sst2-restart
