@@ -120,6 +120,18 @@ def test_ddp_merge_and_restart_keeps_ranks_identical(ddp_fsdp: dict[str, Any]) -
     assert max(run["vs_ref"].values()) < 1e-4
 
 
+def test_ddp_adalora_prunes_the_same_triplets_on_every_rank_as_one_process(ddp_fsdp: dict[str, Any]) -> None:
+    """AdaLoRA's importances come from the gradients after DDP's all-reduce: every rank prunes the same triplets,
+    and the same ones as one process on the global batch (its orthogonality penalty included in the loss)."""
+    run = ddp_fsdp["ddp_adalora"]
+    assert run["events"] == ["prune"] * 6  # after steps 6, 8, ..., 16; the fixed pattern re-applied after
+    assert sorted(run["identical"], key=int) == ["6", "8", "10", "12", "14", "16"]
+    assert all(run["identical"].values()) and run["no_grad"] == []
+    assert run["kept"] == run["ref_kept"] and run["kept"][-1] == 2 * 6  # target_r 2 on 6 layers
+    assert max(abs(a - b) for a, b in zip(run["losses"], run["ref_losses"], strict=True)) < 1e-5
+    assert max(run["vs_ref"].values()) < 1e-4
+
+
 def test_ddp_sync_repairs_rank_divergence(ddp_fsdp: dict[str, Any]) -> None:
     synced, unsynced = ddp_fsdp["ddp_perturbed_sync"], ddp_fsdp["ddp_perturbed_nosync"]
     assert synced["identical_before_duty_12"] is False and unsynced["identical_before_duty_12"] is False

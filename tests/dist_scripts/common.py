@@ -28,9 +28,16 @@ LR = 1e-2
 RESTART = {"restart_every": 10, "warmup_steps": 4, "restart_warmup": 1, "prune": 1.0}
 
 
+# AdaLoRA: rank 4 pruned to 2 on average; importances observed from the all-reduced gradients after every step,
+# prunings after steps 6, 8, ..., 16 (the last one fixes the pattern, re-applied after every later step)
+ADALORA = {"target_r": 2, "tinit": 4, "tfinal": 4, "deltaT": 2}
+
+
 def config(method: str = "sds") -> sdslora.AdapterConfig:
     # refresh every 2 steps after the warm-up: refreshes at 12, 14, ..., 20 (the decaying rule gives one in 20 steps)
     options = {"refresh": "every:2", **(RESTART if method == "relora_sds" else {})}
+    if method == "adalora":
+        options = ADALORA
     return sdslora.AdapterConfig(
         method=method, r=4, target_modules=["q_proj", "v_proj", "down_proj"], options=options
     )
@@ -96,7 +103,8 @@ def reference_run(steps: int = T, method: str = "sds") -> dict[str, Any]:
         if ctl.step().events:
             snaps[step] = adapter_snapshot(model)
         losses.append(float(out.loss.detach()))
-    return {"losses": losses, "snaps": snaps, "final": adapter_snapshot(model), "events": ctl.events}
+    return {"losses": losses, "snaps": snaps, "final": adapter_snapshot(model), "events": ctl.events,
+            "kept": [e.get("kept") for e in ctl.events]}
 
 
 def write_result(result: dict[str, Any]) -> None:

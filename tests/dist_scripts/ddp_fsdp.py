@@ -66,8 +66,11 @@ def run_ddp(ref: dict[str, Any], sync: Any, perturb: bool = False, method: str =
         "vs_ref": vs_ref,
         "no_grad": sorted(set(no_grad)),
         "events": [e["event"] for e in ctl.events],
-        "phase": int(layer0.lora_phase),
-        "decoupled": layer0.decoupled,
+        "phase": int(getattr(layer0, "lora_phase", -1)),
+        "decoupled": getattr(layer0, "decoupled", None),
+        "kept": [e.get("kept") for e in ctl.events],
+        "ref_losses": ref["losses"],
+        "ref_kept": ref["kept"],
         "identical_before_duty_12": before,
         # the frozen weights too (ReLoRA re-derives them from the broadcast merged update)
         "base_identical": identical_on_all_ranks(
@@ -248,6 +251,7 @@ def main() -> None:
         "ddp_perturbed_sync": run_ddp(ref, sync="auto", perturb=True),
         "ddp_perturbed_nosync": run_ddp(ref, sync=False, perturb=True),
         "ddp_relora_sds": run_ddp(reference_run(method="relora_sds"), sync="auto", method="relora_sds"),
+        "ddp_adalora": run_ddp(reference_run(method="adalora"), sync="auto", method="adalora"),
         "fsdp": run_fsdp(ref),
         "fsdp_orthogonal": run_fsdp(reference_run(method="orthogonal"), method="orthogonal"),
         "fsdp1_errors": fsdp1_refused(),
