@@ -353,3 +353,33 @@ def test_report_expects_what_the_commands_asked_for_not_every_method_at_every_ra
     assert planned_runs(setting) == {("full", None), ("lora", 8), ("sds", 8)}
     setting["commands"] = ["not a compare command"]  # unreadable: every method at every rank
     assert ("dora", 8) in planned_runs(setting)
+
+
+def _merge_entry(folder: str, entry: str) -> None:
+    import time
+    from pathlib import Path
+
+    from sdslora.experiments.run_folder import folder_lock, write_json
+
+    f = Path(folder) / "setting.json"
+    with folder_lock(Path(folder)):
+        old = json.loads(f.read_text()) if f.is_file() else []
+        time.sleep(0.3)  # another study starting meanwhile would read the same old list
+        write_json(f, [*old, entry])
+
+
+def test_studies_started_side_by_side_merge_their_setting(tmp_path):
+    """Several studies of one setting may start at once (one process per method on one GPU): each reads, merges
+    and writes setting.json under the folder's lock, so none overwrites another's methods, and the atomic writes
+    of different processes never share a temporary file."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_merge_entry, args=(str(tmp_path), m)) for m in ("full", "lora", "sds")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert sorted(json.loads((tmp_path / "setting.json").read_text())) == ["full", "lora", "sds"]
+    assert not list(tmp_path.glob("*.tmp"))

@@ -56,7 +56,7 @@ from .lr_sweep import (  # noqa: F401  (select_lr, selection_key, widen_grid: im
 )
 from .report_text import print_summary
 from .run_config import RunConfig, with_defaults
-from .run_folder import RunDirError, versions, write_json
+from .run_folder import RunDirError, folder_lock, versions, write_json
 from .train import prepare_data, run_train
 
 
@@ -218,6 +218,11 @@ class _Runner:
             "val_baseline": baseline_rate(self.task, self.val_rows or []), "command": cc.command,
         }
         f = self.evidence / "setting.json"
+        with folder_lock(self.evidence):  # studies of one setting may start side by side: merge, never overwrite
+            self._merge_setting(f, setting)
+
+    def _merge_setting(self, f: Path, setting: dict[str, Any]) -> None:
+        cc = self.cc
         if f.is_file():
             old = json.loads(f.read_text())
             keep = ("base", "options", "val_fraction", "val_max", "val_seed", "task", "n_train", "n_val", "n_eval")
@@ -234,7 +239,6 @@ class _Runner:
             setting["commands"] = list(dict.fromkeys([*old.get("commands", [old.get("command")]), cc.command]))
         else:
             setting["commands"] = [cc.command]
-        self.evidence.mkdir(parents=True, exist_ok=True)
         write_json(f, setting)
 
 

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +45,9 @@ class RunDirError(ValueError):
 
 # ---- run folder ------------------------------------------------------------------------------------------------
 def write_json(path: Path, data: Any, *, compact: bool = False) -> None:
-    """Atomic JSON write (temporary file + rename); ``compact``: one line, no spaces (records kept in git)."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Atomic JSON write (temporary file + rename); ``compact``: one line, no spaces (records kept in git). The
+    temporary file is the writing process's own, so two processes writing the same file never rename each other's."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     text = (
         json.dumps(json_safe(data), separators=(",", ":"), allow_nan=False)
         if compact
@@ -52,6 +55,25 @@ def write_json(path: Path, data: Any, *, compact: bool = False) -> None:
     )
     tmp.write_text(text + "\n")
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, name: str = ".lock") -> Iterator[None]:
+    """Exclusive lock on ``folder`` between processes (an advisory ``flock`` on ``folder/name``), for a
+    read-modify-write of a file that several runs share, such as a study's ``setting.json`` when studies of one
+    setting run side by side. Where ``fcntl`` is missing (Windows) it does not lock."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(folder / name, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def run_state(out: Path, config: dict[str, Any]) -> str:
