@@ -133,3 +133,26 @@ def test_cli_methods(capsys):
 def test_cli_no_command_prints_help(capsys):
     assert main([]) == 0
     assert "usage: sdslora" in capsys.readouterr().out
+
+
+def test_a_copied_or_pickled_model_is_its_own_and_the_controller_finds_it(tmp_path):
+    """The inner model's way back to its AdaptedModel (a trainer handed the inner model still finds the adapter)
+    is not stored on the inner model: a deep copy finds its own wrapper, not the original's, and a whole adapted
+    model can be pickled (torch.save)."""
+    import copy
+
+    from sdslora.control import find_adapted_model
+
+    model = sdslora.attach(tiny_llama(), sdslora.AdapterConfig(method="sds", r=2, target_modules=["q_proj"]))
+    twin = copy.deepcopy(model)
+    assert find_adapted_model(model.model) is model and find_adapted_model(twin.model) is twin
+    torch.save(model, tmp_path / "whole.pt")
+    back = torch.load(tmp_path / "whole.pt", weights_only=False)
+    assert find_adapted_model(back.model) is back
+    batch = batch_for("llama")
+    assert torch.equal(output_of(back, batch), output_of(model, batch))
+    ctl = sdslora.Controller(back.model, torch.optim.AdamW(back.trainable_parameters()), total_steps=30)
+    assert ctl.model is back
+    model.unload()
+    with pytest.raises(Exception, match="AdaptedModel|attach"):
+        find_adapted_model(model.model)

@@ -196,3 +196,49 @@ def test_a_layer_alone_is_a_group_of_one():
     layer = VeRALayer(nn.Linear(8, 6), R, 1.0, 0.0, "float32", sdslora.METHODS["vera"].parse_options({}))
     assert layer.group_size == 1 and layer.lora_A.shape == (R, 8) and layer.lora_B.shape == (6, R)
     assert torch.count_nonzero(layer.delta_weight()) == 0  # b = 0 at the start
+
+
+def _one_storage(layers: list) -> bool:
+    ptrs = {(layer.lora_A.untyped_storage().data_ptr(), layer.lora_B.untyped_storage().data_ptr()) for layer in layers}
+    return len(ptrs) == 1
+
+
+def test_projections_stay_one_tensor_through_a_cast_a_copy_and_pickling(tmp_path):
+    """model.to(...) gives every buffer its own copy; VeRA's layers re-bind to their group's copy on the new dtype
+    (or device), so the layers share one tensor again and the old copy is dropped (PEFT shares one buffer)."""
+    model = _adapted()
+    layers = list(model.adapter_layers().values())
+    group = layers[0].projections
+    assert all(layer.projections is group for layer in layers) and list(group.copies) == [(torch.device("cpu"),
+                                                                                           torch.float64)]
+    x = torch.randn(3, 8, dtype=torch.float64)
+    before = model(x)
+    model.to(torch.float32)
+    a, b = draw_projections(R, 8, 8, 0)
+    for layer in layers:
+        assert layer.lora_A.dtype == torch.float32
+        assert torch.equal(layer.lora_A, a[:, : layer.in_features]) and torch.equal(layer.lora_B,
+                                                                                    b[: layer.out_features])
+    assert _one_storage(layers) and list(group.copies) == [(torch.device("cpu"), torch.float32)]
+    assert torch.allclose(model(x.float()).double(), before, atol=1e-5)
+
+    twin = copy.deepcopy(model)
+    twin_layers = list(twin.adapter_layers().values())
+    twin.to(torch.float64)
+    assert _one_storage(twin_layers) and twin_layers[0].projections is not group
+    assert layers[0].lora_A.dtype == torch.float32 and list(group.copies) == [(torch.device("cpu"), torch.float32)]
+    assert torch.allclose(twin(x), before, atol=1e-5)
+
+    torch.save(model, tmp_path / "whole.pt")
+    back = torch.load(tmp_path / "whole.pt", weights_only=False)
+    assert torch.equal(back(x.float()), model(x.float()))
+
+
+def test_training_state_counts_the_shared_projections_once():
+    from sdslora.experiments.train import training_state_bytes
+
+    model = _adapted()
+    layers = list(model.adapter_layers().values())
+    vectors = sum(R + layer.out_features for layer in layers)
+    mem = training_state_bytes(model, tokens_per_step=0)
+    assert mem["adapter_tensors"] == (R * 8 + 8 * R + vectors) * 8  # one A [r, 8], one B [8, r], float64

@@ -59,6 +59,18 @@ class _ForwardDescriptor:
         return cached
 
 
+# the wrapped model -> its AdaptedModel, both weakly (a trainer handed the inner model still finds the adapter); held
+# here rather than on the inner model, so pickling or copying that model carries no reference to the wrapper
+_WRAPPER_OF: weakref.WeakKeyDictionary[nn.Module, weakref.ref[AdaptedModel]] = weakref.WeakKeyDictionary()
+
+
+def wrapper_of(model: nn.Module) -> AdaptedModel | None:
+    """The live (not unloaded) AdaptedModel that wraps ``model``, if any."""
+    ref = _WRAPPER_OF.get(model)
+    adapted = ref() if ref is not None else None
+    return adapted if adapted is not None and not adapted._unloaded and adapted.model is model else None
+
+
 class AdaptedModel(nn.Module):
     """A model with adapters attached. Calls go to the wrapped model; unknown attributes are looked up there."""
 
@@ -74,8 +86,12 @@ class AdaptedModel(nn.Module):
         self._unloaded = False
         self._grad_flags: dict[int, tuple[nn.Parameter, bool]] = {}  # requires_grad before attach (for rollback)
         self.training = model.training  # the wrapper reports the wrapped model's mode (an eval model stays eval)
-        # the wrapped model knows its wrapper (weakly): a trainer handed the inner model still finds the adapter
-        object.__setattr__(model, "_sdslora_adapted", weakref.ref(self))
+        _WRAPPER_OF[model] = weakref.ref(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a copy (copy.deepcopy) or an unpickled model: its own inner model knows it
+        super().__setstate__(state)
+        _WRAPPER_OF[self.model] = weakref.ref(self)
 
     forward = _ForwardDescriptor()  # type: ignore[assignment]
 
@@ -257,7 +273,7 @@ class AdaptedModel(nn.Module):
                 layer.prepare_unload()
             _set_module(self.model, name, layer.base_layer)
         self._unloaded = True
-        self.model.__dict__.pop("_sdslora_adapted", None)
+        _WRAPPER_OF.pop(self.model, None)
         return self.model
 
     def _rollback(self) -> nn.Module:

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .adapted import wrapper_of
 from .distributed import (  # noqa: F401  (dist_rank, broadcast_from_rank0: importable from here as before)
     broadcast_from_rank0,
     dist_rank,
@@ -38,9 +39,8 @@ def find_adapted_model(model: nn.Module) -> AdaptedModel:
     """The AdaptedModel inside DDP / FSDP / accelerate / torch.compile wrappers."""
     seen = 0
     while not isinstance(model, AdaptedModel) and seen < 8:
-        back = model.__dict__.get("_sdslora_adapted") if isinstance(model, nn.Module) else None
-        adapted = back() if back is not None else None
-        if adapted is not None and not adapted._unloaded:  # the inner model of an AdaptedModel
+        adapted = wrapper_of(model) if isinstance(model, nn.Module) else None
+        if adapted is not None:  # the inner model of an AdaptedModel
             return adapted
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if inner is None:

@@ -93,13 +93,17 @@ def training_state_bytes(adapted: Any, tokens_per_step: int) -> dict[str, int]:
     """
     adapter = 0
     act = 0
-    seen: set[int] = set()  # a tensor shared by several layers (LoTR's U, V) once
+    # memory shared by several layers once: a tensor registered in several (LoTR's U, V) or views of one tensor
+    # (VeRA's slices of its shared projections), so count storages, not tensors
+    seen: set[tuple[str, int]] = set()
     for layer in adapted.adapter_layers().values():
         # the layer's own tensors, unsaved buffers too (ReLoRA's copy of W0)
-        own = [*layer.parameters(recurse=False), *layer.buffers(recurse=False)]
-        tensors = [t for t in own if id(t) not in seen]
-        seen.update(id(t) for t in tensors)
-        adapter += sum(t.numel() * t.element_size() for t in tensors)
+        for t in (*layer.parameters(recurse=False), *layer.buffers(recurse=False)):
+            st = t.untyped_storage()
+            key = (str(t.device), st.data_ptr())
+            if key not in seen:
+                seen.add(key)
+                adapter += st.nbytes()
         act += tokens_per_step * layer.activation_width() * 4
     trainable = sum(p.numel() * p.element_size() for p in adapted.trainable_parameters())
     return {"adapter_tensors": adapter, "grad_and_adam": 3 * trainable, "adapter_activations": act,

@@ -132,6 +132,12 @@ def layer_dims(module: nn.Module) -> tuple[int, int]:
     return view.in_features, view.out_features
 
 
+def sync_state_after_load(module: nn.Module, _incompatible_keys: Any) -> None:
+    """A ``load_state_dict`` post-hook of layers whose derived state follows their loaded tensors (a named function,
+    not a lambda, so an adapted model can be pickled whole)."""
+    module.sync_state()  # type: ignore[operator]
+
+
 class AdapterLayer(nn.Module):
     """Base class: wraps a frozen ``base_layer``; ``forward = base(x) + adapter_forward(x)``."""
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..linalg import work_dtype
+from .base import sync_state_after_load
 from .grow_schedule import (  # noqa: F401  (importable from here: the method's options and plans)
     DIRECTIONS,
     GrowOptions,
@@ -306,7 +307,7 @@ class GrowLoRALayer(_Growable, LoRALayer):
     ):
         super().__init__(base_layer, r, scale, dropout, dtype, options, deferred=deferred)
         self._init_growth()
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.sync_state())
+        self.register_load_state_dict_post_hook(sync_state_after_load)
 
 
 class GrowSDSLayer(_Growable, SDSLayer):

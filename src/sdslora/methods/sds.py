@@ -40,7 +40,7 @@ from torch import nn
 
 from ..linalg import lowrank_fro2, polar_factor, qr_signfixed, svd_of_product
 from ..nonfinite import NONFINITE_CAUSES, require_finite
-from .base import AdapterLayer
+from .base import AdapterLayer, sync_state_after_load
 from .lora import lora_init
 from .sds_schedule import (  # noqa: F401  (importable from here: the method's options and schedule)
     FAITHFUL,
@@ -106,7 +106,7 @@ class _TwoPhase(AdapterLayer):
         # 0 = LoRA warm-up, 1 = decoupled; a buffer so that any state_dict (HF Trainer checkpoints, DDP) carries it
         self.register_buffer("lora_phase", torch.zeros((), dtype=torch.uint8))
         self.decoupled = False
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.sync_state())
+        self.register_load_state_dict_post_hook(sync_state_after_load)
 
     def sync_state(self) -> None:
         self.decoupled = bool(self.lora_phase.item())

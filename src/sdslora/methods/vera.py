@@ -18,14 +18,17 @@ diag(d_l), A'_l = A_l (exact). PEFT's own VeRA has no scaling factor: with ``sca
 adapter computes what PEFT's ``VeraConfig(r=r)`` computes from the same projections (tests/test_vera.py checks it).
 
 Sharing: each layer is built with its own projections (a layer alone is a group of one); ``attach`` then calls
-:meth:`VeRALayer.tie_layers` once with every new layer, which draws A [r, max in] and B [max out, r] once per dtype
-and device and registers slices of them as the layers' (non-persistent) buffers. ``model.to(...)`` copies each
-layer's slice separately (as for any buffer); the values stay equal.
+:meth:`VeRALayer.tie_layers` once with every new layer, which makes one :class:`SharedProjections` per (rank, seed)
+sized to the largest adapted layer and registers slices of it as the layers' (non-persistent) buffers. The group
+holds one copy per (device, dtype) its layers live on: ``model.to(...)`` (a move, a cast) moves each layer's slice as
+for any buffer, then the layer re-binds to the group's copy on the new device and dtype, so the layers share one
+tensor again and the copy no layer uses any more is dropped (as PEFT's VeRA shares one buffer).
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +70,47 @@ def draw_projections(r: int, in_max: int, out_max: int, seed: int) -> tuple[torc
     return a, b
 
 
+class SharedProjections:
+    """The frozen projections of one group of VeRA layers (same rank and seed): A [r, in_max] and B [out_max, r]
+    drawn from ``seed``, one copy per (device, dtype) that a member layer uses (drawn again for a new one, float32,
+    then cast: every copy holds the same values)."""
+
+    def __init__(self, r: int, in_max: int, out_max: int, seed: int) -> None:
+        self.r, self.in_max, self.out_max, self.seed = r, in_max, out_max, seed
+        self.copies: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.members: list[weakref.ref[VeRALayer]] = []  # the layers bound to a copy (weak: the layers own the group)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a copied or pickled group starts empty: its layers carry their own slices and re-bind on their next move
+        return {"r": self.r, "in_max": self.in_max, "out_max": self.out_max, "seed": self.seed}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["r"], state["in_max"], state["out_max"], state["seed"])  # type: ignore[misc]
+
+    def bind(self, layer: VeRALayer, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if not any(ref() is layer for ref in self.members):
+            self.members.append(weakref.ref(layer))
+        return self.on(device, dtype)
+
+    def on(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (torch.device(device), dtype)
+        if key not in self.copies:
+            a, b = draw_projections(self.r, self.in_max, self.out_max, self.seed)
+            self.copies[key] = (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype))
+        return self.copies[key]
+
+    def drop_unused(self) -> None:
+        """Forget the copies no member layer's slice points into any more (after the last layer has moved)."""
+        used = set()
+        for ref in self.members:
+            layer = ref()
+            if layer is not None:
+                used.add(layer.lora_A.untyped_storage().data_ptr())
+        for key, (a, _b) in list(self.copies.items()):
+            if a.untyped_storage().data_ptr() not in used:
+                del self.copies[key]
+
+
 def _fingerprint(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     """Sums of the float32 draws (before any cast to the adapter dtype, so a later ``model.to(bf16)`` keeps it)."""
     return [float(a.double().sum()), float(b.double().sum())]
@@ -97,29 +141,47 @@ class VeRALayer(AdapterLayer):
         self.lora_lambda_d = nn.Parameter(torch.full((self.r,), float(options.d_initial), dtype=dt, device=dev))
         self.lora_lambda_b = nn.Parameter(torch.zeros(self.out_features, dtype=dt, device=dev))
         self.group_size = 1  # layers sharing these projections (set by tie_layers)
+        self.projections: SharedProjections | None = None  # the group (set by tie_layers)
 
     # ---- cross-layer sharing ----------------------------------------------------------------------------------
     @classmethod
     @torch.no_grad()
     def tie_layers(cls, layers: Mapping[str, AdapterLayer]) -> None:
-        """Draw the shared projections once per (dtype, device, rank, seed), sized to the largest adapted layer, and
-        give every layer its slices (non-persistent buffers, views of one tensor)."""
+        """One :class:`SharedProjections` per (rank, seed), sized to the largest adapted layer; every layer gets its
+        slices of the group's copy on its own device and dtype (non-persistent buffers, views of one tensor)."""
         groups: dict[tuple[Any, ...], list[VeRALayer]] = {}
         for layer in layers.values():
             if isinstance(layer, VeRALayer):
-                key = (layer.lora_A.dtype, layer.lora_A.device, layer.r, layer.options.projection_seed)
-                groups.setdefault(key, []).append(layer)
-        for (dt, dev, r, seed), members in groups.items():
+                groups.setdefault((layer.r, layer.options.projection_seed), []).append(layer)
+        for (r, seed), members in groups.items():
             in_max = max(layer.in_features for layer in members)
             out_max = max(layer.out_features for layer in members)
-            a, b = draw_projections(r, in_max, out_max, seed)
+            shared = SharedProjections(r, in_max, out_max, seed)
+            a, b = shared.on(torch.device("cpu"), torch.float32)
             for layer in members:
                 layer.projection_sums = _fingerprint(a[:, : layer.in_features], b[: layer.out_features, :])
-            a, b = a.to(device=dev, dtype=dt), b.to(device=dev, dtype=dt)
-            for layer in members:
-                layer.lora_A = a[:, : layer.in_features]
-                layer.lora_B = b[: layer.out_features, :]
+                layer.projections = shared
                 layer.group_size = len(members)
+            for layer in members:
+                layer._bind()
+            shared.drop_unused()
+
+    def _bind(self) -> None:
+        """Point this layer's A, B at its group's copy on the device and dtype the layer's tensors are on."""
+        if self.projections is None:
+            return
+        a, b = self.projections.bind(self, self.lora_A.device, self.lora_A.dtype)
+        self.lora_A = a[:, : self.in_features]
+        self.lora_B = b[: self.out_features, :]
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> VeRALayer:
+        # a move or cast gives this layer its own copy of its slices (as for any buffer): re-bind to the group's
+        # copy on the new device and dtype, so the layers share one tensor again
+        out = super()._apply(fn, *args, **kwargs)
+        if self.projections is not None:
+            self._bind()
+            self.projections.drop_unused()
+        return out
 
     def extra_state(self) -> dict[str, Any]:
         return {"projection_sums": list(self.projection_sums)}
