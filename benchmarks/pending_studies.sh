@@ -22,6 +22,10 @@ sdslora compare ${C/--steps 300/--steps 600} --seeds 0,1,2 --evidence docs/evide
   --methods full,lora,sds --widen 0 --lr-sweep full=3e-5,1e-4 --lr-sweep lora=1e-3,3e-3 --lr-sweep sds=3e-4,1e-3 \
   -o runs/study-sst2-600
 
+echo "== evidence: LoRA at rank 4's neighbouring rate (the validation loss prefers 3e-3 to the chosen 1e-3)"
+sdslora compare $C --seeds 0,1,2 --evidence docs/evidence/minilm-sst2-lr-sensitivity --ranks 4 --methods lora \
+  --widen 0 --lr-sweep lora=3e-3 -o runs/study-sst2-lr-sensitivity-r4
+
 echo "== survey adapters (docs/survey-methods.md)"
 sdslora compare $C --seeds 0,1,2 $EV --ranks 8 --methods relora,relora_sds --widen 0 --lr-sweep relora=1e-3 \
   --lr-sweep relora_sds=1e-3 -o runs/study-sst2-restart
