@@ -182,6 +182,13 @@ def test_real_fsdp1_is_refused_at_setup(ddp_fsdp: dict[str, Any]) -> None:
     assert len(errors) == 2 and all("FSDP1" in e and "Use DDP or FSDP2" in e for e in errors)
 
 
+def test_methods_with_duties_on_unsharded_tensors_are_refused_under_fsdp2(ddp_fsdp: dict[str, Any]) -> None:
+    errors = ddp_fsdp["fsdp2_refused"]
+    assert sorted(errors) == ["adalora", "relora_sds"]
+    for method, e in errors.items():
+        assert f"method {method!r}" in e and "FSDP2" in e and "Use DDP" in e
+
+
 def test_fsdp1_flattened_params_raise_at_setup() -> None:
     model = _sds_model()
     next(iter(model.adapter_layers().values())).lora_B._fsdp_flattened = True  # FSDP1's mark on its params

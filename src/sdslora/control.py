@@ -21,6 +21,7 @@ from .distributed import (  # noqa: F401  (dist_rank, broadcast_from_rank0: impo
     dist_rank,
     dist_world_size,
     dtensor_type,
+    fsdp2_sharded,
     gathered_adapter_tensors,
     unsupported_sharding,
 )
@@ -123,6 +124,13 @@ class Controller(OptimizerStateOps):
                 f"method {cfg.method!r} rewrites the adapter tensors in place at its per-step duties, which is not "
                 f"supported here: {why}. Use DDP or FSDP2 (torch.distributed.fsdp.fully_shard; Accelerate: "
                 "fsdp_version 2) instead; see docs/scaling.md"
+            )
+        if resets and not self.plan.fsdp2_ready and fsdp2_sharded(self.model):
+            raise ValueError(
+                f"method {cfg.method!r} runs per-step duties written for unsharded tensors (a restart merges into the "
+                "frozen weight, AdaLoRA reads every step's gradients into its importance buffers, growth replaces the "
+                "parameters), and this model is sharded by FSDP2 (fully_shard). Use DDP for it, or a method whose "
+                "duties run under FSDP2 (sds, orthogonal); see docs/scaling.md"
             )
         self.optimizer = None if optimizer is None else unwrap_optimizer(optimizer)
         if self.optimizer is not None:

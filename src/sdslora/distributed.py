@@ -26,6 +26,12 @@ def dtensor_type() -> type | None:
     return DTensor
 
 
+def fsdp2_sharded(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is a DTensor shard (FSDP2, ``fully_shard``)."""
+    dtensor = dtensor_type()
+    return dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters())
+
+
 def dist_world_size() -> int:
     """World size of the default process group (1 when torch.distributed is not initialised)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

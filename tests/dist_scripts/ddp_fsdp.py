@@ -238,6 +238,26 @@ def fsdp1_refused() -> list[str]:
     return errors
 
 
+def fsdp2_refused() -> dict[str, str]:
+    """Methods whose duties are written for unsharded tensors (ReLoRA's merge into W0, AdaLoRA's importance
+    buffers) are refused on an FSDP2-sharded model at construction, with the way out, not a DTensor error later."""
+    from torch.distributed.fsdp import fully_shard
+
+    errors = {}
+    for method in ("relora_sds", "adalora"):
+        model = fresh_model(method)
+        for block in model.model.model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        opt = torch.optim.AdamW(model.trainable_parameters(), lr=LR)
+        try:
+            sdslora.Controller(model, opt, total_steps=T)
+            errors[method] = ""
+        except ValueError as e:
+            errors[method] = str(e)
+    return errors
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     torch.manual_seed(0)
@@ -255,6 +275,7 @@ def main() -> None:
         "fsdp": run_fsdp(ref),
         "fsdp_orthogonal": run_fsdp(reference_run(method="orthogonal"), method="orthogonal"),
         "fsdp1_errors": fsdp1_refused(),
+        "fsdp2_refused": fsdp2_refused(),
         "accelerate": run_accelerate(ref),
         "trainer": run_trainer(ref),  # in the same launch: process start-up dominates the test's time
     }

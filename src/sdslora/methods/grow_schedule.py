@@ -228,6 +228,8 @@ class GrowPlan(_GrowSchedule, StepPlan):
 class SDSGrowPlan(_GrowSchedule, SDSPlan):
     """``sds_grow``'s plan: SDS-LoRA's schedule (:class:`SDSPlan`), then, at the same step, the growth."""
 
+    fsdp2_ready = False  # growth replaces the parameters
+
     def __init__(self, options: SDSGrowOptions, total_steps: int | None) -> None:
         super().__init__(options, total_steps)
         self._init_grow(options, total_steps)

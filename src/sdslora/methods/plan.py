@@ -41,6 +41,9 @@ class StepPlan:
 
     acts: ClassVar[bool] = False  # True: run() may change adapter tensors and optimizer state at some steps
     observes_gradients: ClassVar[bool] = False  # True: observe() reads every optimizer step's gradients
+    # True: the duties run correctly under FSDP2 (the Controller gathers A and B around them); a plan that acts on
+    # anything else (the frozen weight, gradient statistics, parameter shapes) is refused on a sharded model
+    fsdp2_ready: ClassVar[bool] = False
 
     def __init__(self, options: Any, total_steps: int | None) -> None:
         self.options = options

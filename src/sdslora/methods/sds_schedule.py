@@ -5,7 +5,7 @@ basis refreshes happen, and the learning-rate factor around them. The tensor ope
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -139,6 +139,7 @@ class SDSPlan(StepPlan):
     ``reparam_state="rewarm:N"``. The offset of an initialisation phase is subtracted here, once."""
 
     acts = True
+    fsdp2_ready: ClassVar[bool] = True  # the Controller gathers A and B; the Q bases are kept equal by the sync
 
     def __init__(self, options: SDSOptions, total_steps: int | None) -> None:
         super().__init__(options, total_steps)
