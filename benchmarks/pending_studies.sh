@@ -43,8 +43,8 @@ for v in refresh=never refresh=every:1 refresh_k=3 refresh_k=8 refresh=every:5 r
     --methods "sds:$v" --lr-sweep "sds:$v=1e-3" -o runs/refresh-sst2
 done
 
-echo "== reproduction claim 5: gradient-approximation methods at the rank-1 gap"
-C5="$C --seeds 0,1,2,3,4 --ranks 1"
+echo "== reproduction claim 5: gradient-approximation methods at the rank-4 gap"
+C5="$C --seeds 0,1,2,3,4 --ranks 4"
 sdslora compare $C5 $EV --methods lora_ga --lr-sweep lora_ga=3e-4,1e-3,3e-3,1e-2 -o runs/claim5-lora-ga
 for opt in lora_pro scaled_adamw altlora; do
   sdslora compare $C5 --methods lora --optimizer $opt --lr-sweep lora=3e-4,1e-3,3e-3,1e-2 \

@@ -173,6 +173,7 @@ def claim2(folder: Path, out_dir: Path) -> list[str]:
 
 
 CLAIM4_RANKS = (8, 32, 64)
+CLAIM5_RANK = 4  # the smallest rank with a gap at both of LoRA's best rates and anisotropic LoRA factors
 CLAIM5_OPTIMIZERS = [
     ("lora_pro", "LoRA-Pro (the full-gradient approximation as an optimizer)"),
     ("scaled_adamw", "ScaledAdamW (Riemannian preconditioning)"),
@@ -193,7 +194,7 @@ python benchmarks/reproduce_claims.py"""
 
 CLAIM5_CMD = """\
 C="--model minilm-l6 --task sst2 --train-limit 20000 --seeds 0,1,2,3,4 --steps 300 --batch-size 32 --max-length 64 \\
-  --eval-every 50 --diagnostics-every 100 --val-max 500 --eval-batch-size 128 --exclude pooler --no-progress --ranks 1"
+  --eval-every 50 --diagnostics-every 100 --val-max 500 --eval-batch-size 128 --exclude pooler --no-progress --ranks 4"
 sdslora compare $C --methods lora_ga --lr-sweep lora_ga=3e-4,1e-3,3e-3,1e-2 --evidence docs/evidence/minilm-sst2 \\
   -o runs/claim5-lora-ga
 for opt in lora_pro scaled_adamw altlora; do
@@ -224,18 +225,25 @@ def _closed(lora: dict[str, Any] | None, g: dict[str, Any], full: dict[str, Any]
 
 
 def claim5(evidence: Path, root: Path, out_dir: Path) -> list[str]:
+    r = CLAIM5_RANK
     ev = _groups_if(evidence)
-    lora, sds, full = ev.get(("lora", 1)), ev.get(("sds", 1)), ev.get(("full", None))
+    lora, sds, full = ev.get(("lora", r)), ev.get(("sds", r)), ev.get(("full", None))
+    neighbour = _groups_if(evidence.parent / f"{evidence.name}-lr-sensitivity").get(("lora", r))
     rows: list[tuple[str, dict[str, Any] | None]] = [
-        ("LoRA (AdamW)", lora), ("SDS-LoRA", sds), ("LoRA-GA (gradient-SVD initialisation)", ev.get(("lora_ga", 1))),
+        ("LoRA (AdamW)", lora),
+        ("LoRA (AdamW) at its neighbouring rate", neighbour),
+        ("SDS-LoRA", sds),
+        ("LoRA-GA (gradient-SVD initialisation)", ev.get(("lora_ga", r))),
     ]
-    rows += [(what, _groups_if(root / f"claim5-{opt}").get(("lora", 1))) for opt, what in CLAIM5_OPTIMIZERS]
+    rows += [(what, _groups_if(root / f"claim5-{opt}").get(("lora", r))) for opt, what in CLAIM5_OPTIMIZERS]
     rows.append(("full fine-tuning", full))
     lines = [
-        "Setting: the SST-2 evidence study at rank 1, where full fine-tuning beats LoRA at both of LoRA's best rates "
-        "(MiniLM-L6, 300 steps × 32, 5 seeds, eval on the 872-row GLUE dev set); every method at the rate chosen on "
-        "the validation split over its own grid. Gap closed: (method − LoRA) / (full − LoRA) with a 95 % bootstrap "
-        "interval; Δ: t-interval of the per-seed difference (the seeds share their data order).",
+        f"Setting: the SST-2 evidence study at rank {r}, where full fine-tuning beats LoRA at both of LoRA's best "
+        "rates and LoRA's factors are already anisotropic (MiniLM-L6, 300 steps × 32, 5 seeds, eval on the 872-row "
+        "GLUE dev set); every method at the rate chosen on the validation split over its own grid (LoRA also at "
+        "the neighbouring rate, which the validation loss prefers). Gap closed: (method − LoRA) / (full − LoRA) "
+        "against LoRA at its chosen rate, with a 95 % bootstrap interval; Δ: t-interval of the per-seed difference "
+        "(the seeds share their data order).",
         "",
         "| method | lr (chosen) | eval accuracy | gap closed | Δ vs LoRA (paired 95 %) | Δ vs SDS-LoRA (paired 95 %) |",
         "|---|---|---|---|---|---|",
@@ -246,11 +254,12 @@ def claim5(evidence: Path, root: Path, out_dir: Path) -> list[str]:
             lines.append(f"| {what} | pending | | | | |")
             continue
         closed = "–" if g is full else _closed(lora, g, full)
-        lines.append(f"| {what} | {_lr_cell(g)} | {_pm(g)} | {closed} | {_interval(lora, g)} | {_interval(sds, g)} |")
+        lr = f"{g['lr']:g} (set, not swept)" if g is neighbour else _lr_cell(g)
+        lines.append(f"| {what} | {lr} | {_pm(g)} | {closed} | {_interval(lora, g)} | {_interval(sds, g)} |")
         done.append((what.split(" (")[0], g))
     if len(done) > 1:
-        png = _bars(done, out_dir / "claim5-sst2-r1.png",
-                    "Gradient-approximation methods (claim 5): SST-2, rank 1", lora["mean"] if lora else None)
+        png = _bars(done, out_dir / f"claim5-sst2-r{r}.png",
+                    f"Gradient-approximation methods (claim 5): SST-2, rank {r}", lora["mean"] if lora else None)
         lines += ["", f"![claim 5](reproduction/{png.name})"]
     lines += ["", "```bash", CLAIM5_CMD, "```"]
     return lines
