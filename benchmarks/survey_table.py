@@ -106,9 +106,10 @@ def _write(rows: list[dict[str, Any]], setting: dict[str, Any], out_md: Path) ->
         "`python benchmarks/survey_table.py`.",
         "",
         "Learning rates: LoRA's and SDS-LoRA's were chosen on the validation split over 4-value grids (both chose "
-        "1e-3 at r = 1 and r = 8); LoRA at r = 4 and the growth and restart variants run at that 1e-3 without a "
-        "sweep of their own (a one-value grid: a cost-saving departure from the protocol, stated here); LoTR, whose "
-        "shared factors and cores need their own scale, and VeRA, whose vectors train at rates of their own, were swept.",
+        "1e-3 at r = 1, 4 and 8); the growth and restart variants run at that 1e-3 without a sweep of their own (a "
+        "one-value grid: a cost-saving departure from the protocol, stated here); LoTR, whose shared factors and "
+        "cores need their own scale, VeRA, whose vectors train at rates of their own, and AdaLoRA, whose E starts "
+        "at zero, were swept.",
         "",
         "| method | eval accuracy (mean ± 95 % CI) | Δ vs LoRA r=8 (Welch 95 %) | lr | trainable params (start → end) "
         "| training state, analytic (MB) | of it adapter tensors (MB) | peak RSS growth (MB) |",
