@@ -36,19 +36,19 @@ A="adalora:target_r=8+tinit=30+tfinal=60+deltaT=10"
 sdslora compare $C --seeds 0,1,2 $EV --ranks 12 --methods $A --lr-sweep $A=3e-4,1e-3,3e-3,1e-2 \
   -o runs/study-sst2-adalora
 
-echo "== reproduction claim 2: refresh schedule and warm-up"
-for v in refresh=never refresh=every:1 refresh_k=3 refresh_k=8 refresh=every:5 refresh=every:20 refresh=every:10 \
-         warmup_steps=5 warmup_steps=50; do
-  sdslora compare $C --seeds 0,1,2 --evidence docs/reproduction/refresh-sst2 --ranks 8 --widen 0 \
-    --methods "sds:$v" --lr-sweep "sds:$v=1e-3" -o runs/refresh-sst2
-done
-
 echo "== reproduction claim 5: gradient-approximation methods at the rank-4 gap"
 C5="$C --seeds 0,1,2,3,4 --ranks 4"
 sdslora compare $C5 $EV --methods lora_ga --lr-sweep lora_ga=3e-4,1e-3,3e-3,1e-2 -o runs/claim5-lora-ga
 for opt in lora_pro scaled_adamw altlora; do
   sdslora compare $C5 --methods lora --optimizer $opt --lr-sweep lora=3e-4,1e-3,3e-3,1e-2 \
     --evidence docs/reproduction/claim5-$opt -o runs/claim5-$opt
+done
+
+echo "== reproduction claim 2: refresh schedule and warm-up"
+for v in refresh=never refresh=every:1 refresh_k=3 refresh_k=8 refresh=every:5 refresh=every:20 refresh=every:10 \
+         warmup_steps=5 warmup_steps=50; do
+  sdslora compare $C --seeds 0,1,2 --evidence docs/reproduction/refresh-sst2 --ranks 8 --widen 0 \
+    --methods "sds:$v" --lr-sweep "sds:$v=1e-3" -o runs/refresh-sst2
 done
 
 echo "== evidence: the faithful SDS-LoRA, DoRA and PiSSA at rank 32"
