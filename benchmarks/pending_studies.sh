@@ -14,7 +14,7 @@ sdslora compare $C --seeds 0,1,2 $EV --ranks 8 --methods orthogonal,sds:faithful
   --lr-sweep orthogonal=1e-4,3e-4,1e-3,3e-3 --lr-sweep sds:faithful=1e-4,3e-4,1e-3,3e-3 -o runs/study-sst2-ablation
 
 echo "== evidence: rank 4 with its own grids (the smallest rank with anisotropy, and a gap)"
-sdslora compare $C --seeds 0,1,2 $EV --ranks 4 --methods lora,sds --lr-sweep lora=3e-4,1e-3,3e-3,1e-2 \
+sdslora compare $C --seeds 0,1,2,3,4 $EV --ranks 4 --methods lora,sds --lr-sweep lora=3e-4,1e-3,3e-3,1e-2 \
   --lr-sweep sds=1e-4,3e-4,1e-3,3e-3 -o runs/study-sst2-r4
 
 echo "== evidence: rank 1 at twice the steps (does the gap hold once full fine-tuning has converged?)"
@@ -23,7 +23,7 @@ sdslora compare ${C/--steps 300/--steps 600} --seeds 0,1,2 --evidence docs/evide
   -o runs/study-sst2-600
 
 echo "== evidence: LoRA at rank 4's neighbouring rate (the validation loss prefers 3e-3 to the chosen 1e-3)"
-sdslora compare $C --seeds 0,1,2 --evidence docs/evidence/minilm-sst2-lr-sensitivity --ranks 4 --methods lora \
+sdslora compare $C --seeds 0,1,2,3,4 --evidence docs/evidence/minilm-sst2-lr-sensitivity --ranks 4 --methods lora \
   --widen 0 --lr-sweep lora=3e-3 -o runs/study-sst2-lr-sensitivity-r4
 
 echo "== survey adapters (docs/survey-methods.md)"
